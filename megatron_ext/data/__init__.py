@@ -1,0 +1,1 @@
+"""Data: tokenizers, the built-in reasoning task, JSONL SFT data, packing and sampling."""

@@ -1,0 +1,1 @@
+"""Run monitoring: W&B, NVML GPU stats, progress lines."""

@@ -1,0 +1,57 @@
+"""Prompt/response examples as token ids with a loss mask, from the built-in task or JSONL."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Iterator, List, Optional, Tuple
+
+from megatron_ext.data.task import ArithmeticTask
+
+
+class DataError(ValueError):
+    """Bad training data; the message names the file, the line and the fix."""
+
+
+@dataclasses.dataclass
+class Example:
+    tokens: List[int]  # BOS? + prompt + response + EOS
+    loss_mask: List[int]  # 1 where the token is a training target
+
+
+def encode_example(tokenizer, prompt: str, response: str, loss_on_prompt: bool) -> Example:
+    head = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(prompt)
+    tail = tokenizer.encode(response) + [tokenizer.eos_id]
+    return Example(head + tail, [int(loss_on_prompt)] * len(head) + [1] * len(tail))
+
+
+def read_jsonl(path: str, on_malformed: str = "error",
+               stats: Optional[dict] = None) -> Iterator[Tuple[str, str]]:
+    """(prompt, response) pairs. A malformed line raises DataError naming file:line, or with
+    on_malformed="skip" is counted in stats["skipped"] and passed over."""
+    if not os.path.isfile(path):
+        raise DataError(f"data file {path!r} does not exist; check data.path")
+    stats = stats if stats is not None else {}
+    stats.setdefault("skipped", 0)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+                prompt, response = obj.get("prompt"), obj.get("response")
+                if not isinstance(prompt, str) or not isinstance(response, str):
+                    raise ValueError('needs string fields "prompt" and "response"')
+            except ValueError as err:
+                if on_malformed == "skip":
+                    stats["skipped"] += 1
+                    continue
+                raise DataError(f"{path}:{lineno}: malformed line ({err}); fix the line or "
+                                "set data.on_malformed=skip") from None
+            yield prompt, response
+
+
+def task_examples(task: ArithmeticTask, n: int, split: str = "train") -> List[Tuple[str, str]]:
+    return [(p.prompt, p.response()) for p in task.take(n, split)]

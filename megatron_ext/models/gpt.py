@@ -1,0 +1,140 @@
+"""Build megatron-core GPTModel chunks (one per virtual pipeline stage) from our config, wrapped
+in megatron DDP. The layer spec is megatron's: TE's when TE imports on a GPU, else the local one."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_ext.compat import has_transformer_engine
+from megatron_ext.config.schema import Config
+from parallel.topology import Topology
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron pads the embedding so every TP shard has the same, aligned row count."""
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def transformer_config(cfg: Config, topo: Topology) -> TransformerConfig:
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    dtype = _DTYPES[m.dtype]
+    recompute = {"none": {}, "selective": {"recompute_granularity": "selective"},
+                 "full": {"recompute_granularity": "full",
+                          "recompute_method": t.recompute_method,
+                          "recompute_num_layers": t.recompute_num_layers}}[t.recompute]
+    on_gpu = topo.device.type == "cuda"
+    vpp = p.vpp if p.vpp and p.vpp > 1 else None
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=m.kv_channels,
+        ffn_hidden_size=m.ffn_hidden_size,
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=p.cp,
+        sequence_parallel=p.sequence_parallel and p.tp > 1,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        use_cpu_initialization=not on_gpu,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        calculate_per_token_loss=True,
+        # PP=2 with interleaving gives silently wrong gradients with batched p2p on gloo.
+        batch_p2p_comm=vpp is None,
+        overlap_p2p_comm=vpp is not None,
+        **recompute,
+    )
+
+
+def layer_spec(cfg: Config) -> ModuleSpec:
+    if has_transformer_engine():
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec)
+        return get_gpt_layer_with_transformer_engine_spec()
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_gpt_chunks(cfg: Config, topo: Topology, vocab_size: int) -> List[GPTModel]:
+    """Unwrapped GPTModel chunks of this rank, in virtual-stage order."""
+    config = transformer_config(cfg, topo)
+    spec = layer_spec(cfg)
+    padded = padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp)
+    vpp = config.virtual_pipeline_model_parallel_size
+    chunks = []
+    for stage in range(vpp or 1):
+        vp_stage = stage if vpp else None
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=padded,
+            max_sequence_length=cfg.model.max_position_embeddings,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            parallel_output=True,
+            share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=cfg.model.rotary_base,
+            vp_stage=vp_stage,
+        )
+        chunks.append(model.to(topo.device))
+    return chunks
+
+
+def wrap_ddp(cfg: Config, chunks: List[GPTModel]) -> List[DistributedDataParallel]:
+    """Megatron DDP around each chunk; grads are summed (per-token loss) and scaled by the
+    global token count in finalize_model_grads."""
+    config = chunks[0].config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    wrapped = [
+        DistributedDataParallel(config, ddp_config, chunk,
+                                disable_bucketing=(i > 0) or not cfg.parallel.overlap_grad_reduce)
+        for i, chunk in enumerate(chunks)
+    ]
+    for w in wrapped:
+        w.broadcast_params()
+    config.no_sync_func = [w.no_sync for w in wrapped]
+    if len(wrapped) == 1:
+        config.no_sync_func = config.no_sync_func[0]
+    config.finalize_model_grads_func = finalize_model_grads
+    return wrapped
+
+
+def build_model(cfg: Config, topo: Topology, vocab_size: int) -> List[DistributedDataParallel]:
+    return wrap_ddp(cfg, build_gpt_chunks(cfg, topo, vocab_size))
+
+
+def count_parameters(chunks) -> int:
+    """Parameters of this rank (each TP/PP shard counted once)."""
+    return sum(p.numel() for c in chunks for p in c.parameters())

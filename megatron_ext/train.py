@@ -1,0 +1,58 @@
+"""`python -m megatron_ext.train [hydra overrides]`: pretraining and SFT chosen by the config.
+
+Started once per process by `python -m launch local|slurm`, torchrun or srun. The config is
+composed and validated before any process group exists; the run directory is printed first."""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from typing import Optional, Sequence
+
+import torch.distributed as dist
+
+from megatron_ext import compat
+from megatron_ext.config.load import compose_config, to_yaml
+from megatron_ext.config.schema import Config
+from megatron_ext.config.validate import validate
+from parallel import topology
+
+
+def resolve_run_dir(cfg: Config, topo: topology.Topology) -> str:
+    """run.dir, or outputs/<name>-<time> chosen by rank 0 and shared with every rank."""
+    chosen = [cfg.run.dir]
+    if chosen[0] is None and topo.is_logging_rank:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        chosen[0] = os.path.join("outputs", f"{cfg.run.name}-{stamp}")
+    if cfg.run.dir is None and dist.is_initialized():
+        dist.broadcast_object_list(chosen, src=0, group=dist.group.WORLD)
+    return os.path.abspath(chosen[0])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    cfg = compose_config(overrides)
+    _, _, world_size = topology.env_world()
+    dims = validate(cfg, world_size,
+                    have_fused_norms=compat.has_transformer_engine() or compat.has_apex())
+    compat.setup()
+    topo = topology.initialize(dims, seed=cfg.seed, timeout_s=cfg.parallel.timeout_s)
+    run_dir = resolve_run_dir(cfg, topo)
+    if topo.is_logging_rank:
+        print(f"run directory: {run_dir}", flush=True)
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(cfg))
+        print(f"layout: world {dims.world_size} = tp {dims.tp} x pp {dims.pp} x cp {dims.cp} x "
+              f"dp {dims.dp}{f' (vpp {dims.vpp})' if dims.vpp else ''} on "
+              f"{topo.device.type}", flush=True)
+    from megatron_ext.training.trainer import Trainer  # after the CPU bridge is installed
+    try:
+        trainer = Trainer(cfg, topo, run_dir)
+        return trainer.fit()
+    finally:
+        topology.destroy()
+
+
+if __name__ == "__main__":
+    main()

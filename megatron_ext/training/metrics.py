@@ -1,0 +1,46 @@
+"""Reduce per-rank statistics to the logging rank, and write metrics.jsonl."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+
+
+def sum_to_all(values: List[float], contribute: bool) -> List[float]:
+    """Sum a vector over every process of the job; only ranks with `contribute` add theirs.
+    This deliberately spans the whole world: it carries last-stage statistics to rank 0."""
+    t = torch.tensor(values if contribute else [0.0] * len(values), dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t, group=dist.group.WORLD)
+    return t.tolist()
+
+
+class MetricsWriter:
+    """Appends one JSON object per record to run_dir/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, run_dir: str, enabled: bool):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.enabled = enabled
+
+    def write(self, record: Dict) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in record.items()}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(clean) + "\n")
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def progress_line(rec: Dict, total_steps: int, eta_s: float) -> str:
+    return (f"step {rec['step']:>5}/{total_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.3e}"
+            f" | grad-norm {rec['grad_norm']:.3f} | tok/s {rec['tokens_per_s']:,.0f}"
+            f" | eta {format_eta(eta_s)}")

@@ -1,0 +1,192 @@
+"""The process-group topology: TP, PP (optionally virtual), CP and DP, built once through
+megatron.core.parallel_state and handed down. This module and launch/ are the only places that
+read the torchrun/SLURM environment."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot work; the message names the fields and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelDims:
+    """The parallel sizes of a run. DP is derived: world_size / (tp * pp * cp)."""
+
+    world_size: int
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    vpp: Optional[int] = None
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp * self.cp)
+
+    def validate(self, *, num_layers: int, num_attention_heads: int, num_query_groups: int,
+                 seq_len: int, global_batch_size: int, micro_batch_size: int,
+                 sequence_parallel: bool = False, have_fused_norms: bool = False) -> None:
+        """Raise LayoutError for the first rule the layout breaks, before any group exists."""
+        for name in ("tp", "pp", "cp"):
+            if getattr(self, name) < 1:
+                raise LayoutError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        model_parallel = self.tp * self.pp * self.cp
+        if self.world_size % model_parallel:
+            raise LayoutError(
+                f"world size {self.world_size} is not divisible by parallel.tp*parallel.pp*"
+                f"parallel.cp = {self.tp}*{self.pp}*{self.cp} = {model_parallel}; start a "
+                f"multiple of {model_parallel} processes or change the sizes")
+        if num_attention_heads % self.tp:
+            raise LayoutError(
+                f"model.num_attention_heads={num_attention_heads} is not divisible by "
+                f"parallel.tp={self.tp}; pick a tp that divides it")
+        if num_query_groups % self.tp:
+            raise LayoutError(
+                f"model.num_query_groups={num_query_groups} is not divisible by "
+                f"parallel.tp={self.tp}; pick a tp that divides it")
+        if self.vpp is not None:
+            if self.vpp < 1:
+                raise LayoutError(f"parallel.vpp={self.vpp} must be >= 1 or null")
+            if self.pp < 2:
+                raise LayoutError(
+                    f"parallel.vpp={self.vpp} needs parallel.pp >= 2 (got {self.pp}); "
+                    "set parallel.vpp=null or raise pp")
+        chunks = self.pp * (self.vpp or 1)
+        if num_layers % chunks:
+            raise LayoutError(
+                f"model.num_layers={num_layers} is not divisible by parallel.pp*vpp = "
+                f"{self.pp}*{self.vpp or 1} = {chunks}; change the layer count or the sizes")
+        if self.cp > 1 and seq_len % (2 * self.cp):
+            raise LayoutError(
+                f"train.seq_len={seq_len} is not divisible by 2*parallel.cp = {2 * self.cp} "
+                "(zigzag context parallelism cuts the sequence into 2*cp chunks); pad or "
+                "change seq_len")
+        if micro_batch_size < 1:
+            raise LayoutError(f"train.micro_batch_size={micro_batch_size} must be >= 1")
+        if global_batch_size % (micro_batch_size * self.dp):
+            raise LayoutError(
+                f"train.global_batch_size={global_batch_size} is not divisible by "
+                f"train.micro_batch_size*dp = {micro_batch_size}*{self.dp} = "
+                f"{micro_batch_size * self.dp}; change the batch sizes")
+        if sequence_parallel and self.tp > 1 and not have_fused_norms:
+            raise LayoutError(
+                "parallel.sequence_parallel=true needs TransformerEngine or NVIDIA apex "
+                "LayerNorm kernels, which this machine does not have; set "
+                "parallel.sequence_parallel=false")
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """Rank coordinates and process groups of this process."""
+
+    dims: ParallelDims
+    rank: int
+    local_rank: int
+    device: torch.device
+    tp_rank: int
+    pp_rank: int
+    cp_rank: int
+    dp_rank: int
+
+    @property
+    def tp_group(self):
+        from megatron.core import parallel_state as ps
+        return ps.get_tensor_model_parallel_group()
+
+    @property
+    def pp_group(self):
+        from megatron.core import parallel_state as ps
+        return ps.get_pipeline_model_parallel_group()
+
+    @property
+    def cp_group(self):
+        from megatron.core import parallel_state as ps
+        return ps.get_context_parallel_group()
+
+    @property
+    def dp_group(self):
+        """Data-parallel group without CP (samples differ across it)."""
+        from megatron.core import parallel_state as ps
+        return ps.get_data_parallel_group()
+
+    @property
+    def dp_cp_group(self):
+        """Gradients are reduced over DP x CP: CP ranks hold parts of the same samples."""
+        from megatron.core import parallel_state as ps
+        return ps.get_data_parallel_group(with_context_parallel=True)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.dims.pp - 1
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """Global rank 0 prints and writes the run directory."""
+        return self.rank == 0
+
+    def last_stage_rank(self) -> int:
+        """Global rank of the last PP stage in this rank's pipeline (it holds the loss)."""
+        from megatron.core import parallel_state as ps
+        return ps.get_pipeline_model_parallel_last_rank()
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun/`launch` variables, or one process."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    return rank, local_rank, world_size
+
+
+def initialize(dims: ParallelDims, *, seed: int, timeout_s: int = 600) -> Topology:
+    """Create the default process group (NCCL on GPUs, gloo on CPUs) and megatron's groups."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    rank, local_rank, world_size = env_world()
+    if world_size != dims.world_size:
+        raise LayoutError(f"WORLD_SIZE={world_size} but the layout was validated for "
+                          f"{dims.world_size} processes")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        backend, device = "nccl", torch.device("cuda", torch.cuda.current_device())
+    else:
+        backend, device = "gloo", torch.device("cpu")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=dims.tp,
+        pipeline_model_parallel_size=dims.pp,
+        virtual_pipeline_model_parallel_size=dims.vpp,
+        context_parallel_size=dims.cp,
+        distributed_timeout_minutes=max(1, timeout_s // 60),
+    )
+    model_parallel_cuda_manual_seed(seed)
+    return Topology(
+        dims=dims, rank=rank, local_rank=local_rank, device=device,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        cp_rank=ps.get_context_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+    )
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state as ps
+    ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
