@@ -155,6 +155,9 @@ def initialize(dims: ParallelDims, *, seed: int, timeout_s: int = 600) -> Topolo
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     rank, local_rank, world_size = env_world()
+    if dist.is_initialized():  # a caller (a test harness, say) made the default group
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if world_size != dims.world_size:
         raise LayoutError(f"WORLD_SIZE={world_size} but the layout was validated for "
                           f"{dims.world_size} processes")

@@ -1,4 +1,4 @@
-"""`python -m megatron_ext.align {profile,compare,filter,make-traces} ...`: trace format fidelity tools.
+"""`python -m megatron_ext.align {profile,compare,filter,make-traces} ...`.
 
 There is no --target-checkpoint yet: the log-likelihood criterion is available through
 compare(loglik_fn=...) and gets its flag once the trainer's model code can load a checkpoint.
@@ -30,7 +30,9 @@ def _add_profile_options(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m megatron_ext.align", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m megatron_ext.align", description=(
+        "Reasoning-trace format fidelity: profile traces, score them against a reference set in the "
+        "target style, filter a set by score, write built-in task traces."))
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("profile", help="features of each trace and their distribution")
@@ -63,49 +65,60 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> None:
-    if args.command == "make-traces":
-        n = write_traces(args.out, args.n, args.style, seed=args.seed, min_ops=args.min_ops,
-                         max_ops=args.max_ops, split=args.split)
-        print(f"wrote {n} {args.style} traces to {args.out}")
-        return
-    config = ProfileConfig(args.steps, args.answer_pattern)
-    if args.command == "profile":
-        malformed: List[str] = []
-        summary = Summary()
-        with open_for_writing(os.path.join(args.out, "profile_traces.jsonl")) as f:
-            for trace, p in profile_file(args.input, config, malformed if args.skip_malformed else None):
-                f.write(to_line({"line": trace.line, **p.to_json()}))
-                summary.add(p)
-        report = {"path": args.input, "profile_config": dataclasses.asdict(config), **summary.to_json(),
-                  "malformed": malformed}
-        with open(os.path.join(args.out, "profile.json"), "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1, ensure_ascii=False)
-        for m in malformed:
-            print(f"skipped malformed line {m}", file=sys.stderr)
-        print(f"profiled {report['n_traces']} traces; wrote {args.out}/profile.json and "
-              f"{args.out}/profile_traces.jsonl")
-        return
-    if args.command == "filter":
-        check_score_threshold("--min-score", args.min_score)
-    result = compare(args.reference, args.candidate, config=config, skip_malformed=args.skip_malformed)
-    for line in (m for side in result.malformed.values() for m in side):
-        print(f"skipped malformed line {line}", file=sys.stderr)
-    if args.command == "compare":
-        write_report(result, args.out)
-        print(f"dataset score {result.dataset_score:.3f} over {len(result.traces)} traces; "
-              f"report in {os.path.join(args.out, 'report.md')}")
-        return
+def _config(args: argparse.Namespace) -> ProfileConfig:
+    return ProfileConfig(args.steps, args.answer_pattern)
+
+
+def _report_skipped(malformed: List[str]) -> None:
+    for m in malformed:
+        print(f"skipped malformed line {m}", file=sys.stderr)
+
+
+def _make_traces(args: argparse.Namespace) -> None:
+    n = write_traces(args.out, args.n, args.style, seed=args.seed, min_ops=args.min_ops, max_ops=args.max_ops,
+                     split=args.split)
+    print(f"wrote {n} {args.style} traces to {args.out}")
+
+
+def _profile(args: argparse.Namespace) -> None:
+    config, malformed, summary = _config(args), [], Summary()
+    with open_for_writing(os.path.join(args.out, "profile_traces.jsonl")) as f:
+        for trace, p in profile_file(args.input, config, malformed if args.skip_malformed else None):
+            f.write(to_line({"line": trace.line, **p.to_json()}))
+            summary.add(p)
+    report = {"path": args.input, "profile_config": dataclasses.asdict(config), **summary.to_json(),
+              "malformed": malformed}
+    with open(os.path.join(args.out, "profile.json"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1, ensure_ascii=False)
+    _report_skipped(malformed)
+    print(f"profiled {report['n_traces']} traces; wrote {args.out}/profile.json and {args.out}/profile_traces.jsonl")
+
+
+def _compare(args: argparse.Namespace) -> None:
+    result = compare(args.reference, args.candidate, config=_config(args), skip_malformed=args.skip_malformed)
+    _report_skipped(result.malformed["reference"] + result.malformed["candidate"])
+    write_report(result, args.out)
+    print(f"dataset score {result.dataset_score:.3f} over {len(result.traces)} traces; "
+          f"report in {os.path.join(args.out, 'report.md')}")
+
+
+def _filter(args: argparse.Namespace) -> None:
+    check_score_threshold("--min-score", args.min_score)
+    result = compare(args.reference, args.candidate, config=_config(args), skip_malformed=args.skip_malformed)
+    _report_skipped(result.malformed["reference"] + result.malformed["candidate"])
     stats = write_split(args.candidate, result.traces, args.min_score, args.out_kept, args.out_rejected,
                         args.skip_malformed)
     print(f"kept {stats.kept} traces (score >= {args.min_score}) -> {stats.kept_path}; "
           f"rejected {stats.rejected} -> {stats.rejected_path}; dataset score {result.dataset_score:.3f}")
 
 
+COMMANDS = {"profile": _profile, "compare": _compare, "filter": _filter, "make-traces": _make_traces}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        _run(args)
+        COMMANDS[args.command](args)
     except (OSError, ValueError) as e:  # bad input or paths: the message names the file, line and fix
         print(f"error: {e}", file=sys.stderr)
         return 2

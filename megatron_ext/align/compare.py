@@ -15,7 +15,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
-from megatron_ext.align.divergence import js_divergence, ks_statistic, normalize, wasserstein_1
+from megatron_ext.align.divergence import js_divergence, ks_statistic, mean_shares, normalize, wasserstein_1
 from megatron_ext.align.jsonl import Trace
 from megatron_ext.align.profile import ProfileConfig, TraceProfile, profile_file
 from megatron_ext.align.score import FEATURES, PULL_DOWN, Reference, TraceScore
@@ -66,6 +66,8 @@ class Comparison:
                 "mean_score": float(np.mean([t.feature_scores[name] for t in self.traces])),
                 **divergences[name],
             }
+        distributions = {name: {**d, **divergences[name]} for name, d in self.distributions.items()}
+        distributions["script"]["mean_score"] = float(np.mean([t.feature_scores["script"] for t in self.traces]))
         return {
             "dataset_score": self.dataset_score,
             "reference": {"path": self.reference_path, "n_traces": self.reference.n},
@@ -73,8 +75,7 @@ class Comparison:
             "profile_config": dataclasses.asdict(self.config),
             "uses_loglik": self.reference.uses_loglik,
             "features": features,
-            "distributions": {name: {**d, **divergences[name]} for name, d in self.distributions.items()},
-            "script_mean_score": float(np.mean([t.feature_scores["script"] for t in self.traces])),
+            "distributions": distributions,
             "reason_counts": self.reason_counts(),
             "malformed": self.malformed,
             "traces": [t.to_json() for t in self.traces],
@@ -122,21 +123,18 @@ def compare(reference: str, candidate: str, *, config: ProfileConfig = ProfileCo
     ref_rows = list(_with_logliks(profile_file(reference, config, ref_sink), loglik_fn, batch_size))
     ref = Reference([p for _, p, _ in ref_rows], [ll for _, _, ll in ref_rows] if loglik_fn else None)
     traces: List[TraceScore] = []
-    shares = {name: collections.defaultdict(float) for name in ("notation", "tags")}
-    scripts: collections.Counter = collections.Counter()
+    symbols, tags, scripts = [], [], collections.Counter()
     for trace, profile, ll in _with_logliks(profile_file(candidate, config, cand_sink), loglik_fn, batch_size):
         traces.append(ref.score(len(traces), trace.line, profile, ll))
-        for name, counts in (("notation", profile.symbols), ("tags", profile.tags)):
-            for k, v in normalize(counts).items():
-                shares[name][k] += v
+        symbols.append(profile.symbols)
+        tags.append(profile.tags)
         scripts[profile.script] += 1
     if not traces:
         raise ValueError(f"the candidate set {candidate} has no valid traces; nothing to compare")
-    n = len(traces)
     distributions = {
-        "notation": {"reference": ref.symbol_centroid, "candidate": {k: v / n for k, v in shares["notation"].items()}},
+        "notation": {"reference": ref.symbol_centroid, "candidate": mean_shares(symbols)},
         "script": {"reference": ref.script_share, "candidate": normalize(scripts)},
-        "tags": {"reference": ref.tag_centroid, "candidate": {k: v / n for k, v in shares["tags"].items()}},
+        "tags": {"reference": ref.tag_centroid, "candidate": mean_shares(tags)},
     }
     columns = {name: np.array([t.features[name] for t in traces]) for name in ref.columns}
     return Comparison(str(reference), str(candidate), config, ref, traces, columns, distributions, malformed)

@@ -5,7 +5,8 @@ ones (and agree with scipy.stats.ks_2samp / wasserstein_distance / scipy's jense
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import collections
+from typing import Dict, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -40,6 +41,17 @@ def normalize(counts: Mapping[str, float]) -> dict:
     """Counts to shares; an empty or all-zero mapping becomes {NONE_KEY: 1}."""
     total = float(sum(counts.values()))
     return {k: v / total for k, v in counts.items() if v} if total > 0 else {NONE_KEY: 1.0}
+
+
+def mean_shares(counts: Iterable[Mapping[str, float]]) -> Dict[str, float]:
+    """The average of the normalised distributions, so every trace weighs the same whatever its length."""
+    total: Dict[str, float] = collections.defaultdict(float)
+    n = 0
+    for c in counts:
+        n += 1
+        for k, v in normalize(c).items():
+            total[k] += v
+    return {k: v / n for k, v in total.items()}
 
 
 def js_divergence(p: Mapping[str, float], q: Mapping[str, float]) -> float:

@@ -24,7 +24,7 @@ NUMERIC_FEATURES = {
     "ops_per_step": "binary operators per step (step granularity)",
     "latex_frac": "share of lines with LaTeX markup",
     "word_frac": "share of word tokens (prose vs symbols)",
-    "repetition": "share of repeated token 3-grams",
+    "repetition": "share of repeated token 4-grams",
     "answer_format": "1 when the last line is the expected answer line",
     "n_tags": "structural tags such as <think>",
 }
@@ -112,7 +112,7 @@ def _script(text: str) -> str:
 
 def _repetition(text: str) -> float:
     tokens = _GRAM_RE.findall(text)
-    grams = list(zip(tokens, tokens[1:], tokens[2:]))
+    grams = list(zip(tokens, tokens[1:], tokens[2:], tokens[3:]))
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 

@@ -5,8 +5,8 @@ Gaussian tail outside it, exp(-(gap / scale)**2 / 2), where scale is the referen
 at least 10% of the median, at least a per-feature floor): 0.61 one scale out, 0.01 three out.
 Scoring against a range rather than a density keeps every aligned trace at ~1 whatever the
 problem mix, forgives traces just past the edge, and drops a wordier, coarser or otherwise
-notated trace fast. The trace score is the product of its feature scores: every feature has to
-be in style, and the features that pull the score down are exactly those below 1.
+notated trace fast. The trace score is the product of its feature scores, so every feature has
+to be in style; its reasons name each feature that costs it more than 1%.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from megatron_ext.align.divergence import js_divergence, normalize
+from megatron_ext.align.divergence import js_divergence, mean_shares, normalize
 from megatron_ext.align.profile import NUMERIC_FEATURES, TraceProfile
 
 FEATURES = {
@@ -26,7 +26,7 @@ FEATURES = {
     "loglik": "length-normalised log-likelihood under the target model",
     "script": "writing system of the letters (language)",
 }
-# The gap that costs a factor e when the reference itself does not vary (e.g. all 0 LaTeX lines).
+# Smallest scale per feature, for when the reference barely varies (e.g. no LaTeX line at all).
 FLOORS = {"n_steps": 1.0, "tokens_per_step": 2.0, "total_tokens": 8.0, "ops_per_step": 0.25,
           "latex_frac": 0.05, "word_frac": 0.05, "repetition": 0.05, "answer_format": 0.05,
           "n_tags": 1.0, "notation_js": 0.05, "loglik": 0.1}
@@ -74,8 +74,8 @@ class Reference:
         if not profiles:
             raise ValueError("the reference set has no valid traces; give a JSONL file of traces in the target style")
         self.n = len(profiles)
-        self.symbol_centroid = self._mean_shares(p.symbols for p in profiles)
-        self.tag_centroid = self._mean_shares(p.tags for p in profiles)
+        self.symbol_centroid = mean_shares(p.symbols for p in profiles)
+        self.tag_centroid = mean_shares(p.tags for p in profiles)
         self.script_share = normalize(collections.Counter(p.script for p in profiles))
         rows = [self.features(p) for p in profiles]
         if logliks is not None:
@@ -83,16 +83,6 @@ class Reference:
                 row["loglik"] = ll
         self.columns = {name: np.array([row[name] for row in rows]) for name in rows[0]}
         self.ranges = {name: FeatureRange.fit(values, FLOORS[name]) for name, values in self.columns.items()}
-
-    @staticmethod
-    def _mean_shares(counts) -> Dict[str, float]:
-        total: Dict[str, float] = collections.defaultdict(float)
-        n = 0
-        for c in counts:
-            n += 1
-            for k, v in normalize(c).items():
-                total[k] += v
-        return {k: v / n for k, v in total.items()}
 
     @property
     def uses_loglik(self) -> bool:

@@ -107,9 +107,13 @@ class Trainer:
         total = torch.stack([s["lm"] for s in stats]).sum(0)
         return float(total[0]), float(total[1])
 
-    def train_step(self) -> Dict:
+    def train_step(self, inspect_grads=None) -> Dict:
+        """One optimizer step. `inspect_grads()`, when given, runs between backward and the
+        optimizer, while the reduced gradients sit in the DDP buffers."""
         start = time.perf_counter()
         loss_sum, tokens = self.forward_backward()
+        if inspect_grads is not None:
+            inspect_grads()
         self.scheduler.step(increment=1)  # the LR of step k is the schedule's value at k
         lr = self.optimizer.param_groups[0]["lr"]
         _, grad_norm, _ = self.optimizer.step()

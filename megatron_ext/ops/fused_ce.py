@@ -1,0 +1,135 @@
+"""Cross-entropy of hidden @ weight^T without materialising the logits (fused linear CE).
+
+At 64K tokens x 128K vocab the logits alone are 32 GiB in fp32 and their gradient as much
+again; here the forward keeps three numbers per token (log-sum-exp, target logit, and the loss)
+and the backward recomputes each logits tile to form its gradient in place.
+"""
+
+import torch
+import torch.distributed as dist
+
+from megatron_ext.ops._backend import Kernels, kernels_for
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _check_inputs(hidden, weight, labels, reduction, vocab_size, ignore_index) -> None:
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden must be 2-D [n, h]; got shape {tuple(hidden.shape)}; "
+                         "flatten [s, b, h] to [s*b, h] first")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must be [v_local, h] with h = hidden.shape[1] = "
+                         f"{hidden.shape[1]}; got weight shape {tuple(weight.shape)}")
+    if labels.shape != hidden.shape[:1]:
+        raise ValueError(f"labels must be [n] = [{hidden.shape[0]}] to match hidden; got shape "
+                         f"{tuple(labels.shape)}; flatten labels the way hidden was flattened")
+    if hidden.dtype != weight.dtype or not hidden.dtype.is_floating_point:
+        raise TypeError(f"hidden and weight must share a floating dtype; got {hidden.dtype} and "
+                        f"{weight.dtype}; cast one to the other")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise TypeError(f"labels must hold integer vocab ids; got dtype {labels.dtype}")
+    if hidden.device != weight.device or hidden.device != labels.device:
+        raise ValueError(f"hidden, weight and labels must be on one device; got {hidden.device}, "
+                         f"{weight.device} and {labels.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
+    if bool(bad.any()):
+        where = bad.nonzero().squeeze(1)
+        raise ValueError(
+            f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; got "
+            f"{labels[where[:5]].tolist()} at positions {where[:5].tolist()} ({where.numel()} "
+            "bad in all); check the tokenizer's vocab size against the output layer, or mark "
+            "those tokens with ignore_index")
+
+
+def _group_rank_size(tp_group) -> tuple[int, int]:
+    if tp_group is None:
+        return 0, 1
+    return dist.get_rank(group=tp_group), dist.get_world_size(group=tp_group)
+
+
+def _combine_shards(lse, target_logit, tp_group):
+    """Global log-sum-exp and target logit from each vocab shard's: a max, then one packed sum."""
+    global_max = lse.clone()
+    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
+    packed = torch.stack([torch.exp(lse - global_max), target_logit])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=tp_group)
+    return global_max + packed[0].log(), packed[1]
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Rows whose label is ignore_index are dropped before the kernels and get zero grads."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, tp_group, kernels, tile):
+        rank, size = _group_rank_size(tp_group)
+        v_local = weight.shape[0]
+        valid = labels != ignore_index
+        rows = None if bool(valid.all()) else valid.nonzero().squeeze(1)
+        used = hidden if rows is None else hidden.index_select(0, rows)
+        local = (labels if rows is None else labels.index_select(0, rows)).long() - rank * v_local
+        target = torch.where((local >= 0) & (local < v_local), local, -1)
+
+        lse, target_logit = kernels.impl.ce_forward(used, weight, target, *tile)
+        if size > 1 and used.shape[0] > 0:
+            lse, target_logit = _combine_shards(lse, target_logit, tp_group)
+        per_row = lse - target_logit
+
+        ctx.save_for_backward(hidden, weight, target, lse, rows)
+        ctx.setup = (reduction, tp_group if size > 1 else None, kernels, tile, per_row.shape[0])
+        if reduction == "none":
+            if rows is None:
+                return per_row
+            return per_row.new_zeros(hidden.shape[0]).index_copy_(0, rows, per_row)
+        total = per_row.sum()
+        return total if reduction == "sum" else total / per_row.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, target, lse, rows = ctx.saved_tensors
+        reduction, tp_group, kernels, tile, n_used = ctx.setup
+        if reduction == "none":
+            scale = grad_out if rows is None else grad_out.index_select(0, rows)
+        else:
+            scale = (grad_out / n_used if reduction == "mean" else grad_out).expand(n_used)
+        used = hidden if rows is None else hidden.index_select(0, rows)
+        d_used, d_weight = kernels.impl.ce_backward(used, weight, target, lse,
+                                                    scale.to(lse.dtype).contiguous(), *tile)
+        if rows is None:
+            d_hidden = d_used
+        else:
+            d_hidden = d_used.new_zeros(hidden.shape).index_copy_(0, rows, d_used)
+        if tp_group is not None:
+            dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=tp_group)
+        return d_hidden.to(hidden.dtype), d_weight, None, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
+                               labels: torch.Tensor, *, ignore_index: int = -100,
+                               reduction: str = "mean", tp_group=None,
+                               block_rows: int | None = None,
+                               chunk_cols: int | None = None) -> torch.Tensor:
+    """Cross-entropy of logits = hidden @ weight^T against labels, never holding [n, v_local].
+
+    hidden [n, h], weight [v_local, h], labels [n] of global vocab ids. With a tp_group of size
+    t, rank r holds vocab rows [r*v_local, (r+1)*v_local) and the result equals the unsharded
+    loss: shards combine their log-sum-exp and target logit with two all-reduces over tp_group
+    (labels must be the same on every rank of the group, as megatron broadcasts them).
+
+    Gradients flow to hidden and weight. hidden is expected to be what megatron's
+    ColumnParallelLinear sees (the input copied to the TP region), so d_hidden is the sum over
+    vocab shards: the backward all-reduces it over tp_group itself, making the function
+    self-contained. Do not also all-reduce it outside.
+
+    reduction: "mean" over tokens whose label is not ignore_index (NaN when there are none, as
+    in F.cross_entropy), "sum", or "none" ([n], 0 where ignored). The loss is fp32 (fp64 for
+    fp64 inputs); softmax statistics and gradient sums accumulate in fp32 for bf16/fp16 inputs.
+    block_rows and chunk_cols override the backend's logits tile (tests, tuning).
+    """
+    rank, size = _group_rank_size(tp_group)
+    _check_inputs(hidden, weight, labels, reduction, weight.shape[0] * size, ignore_index)
+    kernels: Kernels = kernels_for(hidden)
+    tile = (block_rows or kernels.block_rows, chunk_cols or kernels.chunk_cols)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, labels, ignore_index, reduction,
+                                          tp_group, kernels, tile)
