@@ -16,7 +16,6 @@ from megatron_ext.align.compare import compare
 from megatron_ext.align.filter import check_score_threshold, write_split
 from megatron_ext.align.jsonl import open_for_writing, to_line
 from megatron_ext.align.profile import DEFAULT_ANSWER_PATTERN, STEP_MODES, ProfileConfig, Summary, profile_file
-from megatron_ext.align.report import write_report
 from megatron_ext.align.synth import write_traces
 from megatron_ext.data.task import STYLES
 
@@ -95,6 +94,8 @@ def _profile(args: argparse.Namespace) -> None:
 
 
 def _compare(args: argparse.Namespace) -> None:
+    from megatron_ext.align.report import write_report  # loads matplotlib: only the command that plots pays for it
+
     result = compare(args.reference, args.candidate, config=_config(args), skip_malformed=args.skip_malformed)
     _report_skipped(result.malformed["reference"] + result.malformed["candidate"])
     write_report(result, args.out)

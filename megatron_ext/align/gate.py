@@ -85,11 +85,15 @@ def run_fidelity_gate(gate_cfg: FidelityGateConfig, candidate_path: str, out_dir
         stats = write_split(candidate_path, result.traces, gate_cfg.min_trace_score, kept,
                             os.path.join(out_dir, "rejected.jsonl"))
         kept_scores = [t.score for t in result.traces if t.score >= gate_cfg.min_trace_score]
-        kept_score = sum(kept_scores) / len(kept_scores) if kept_scores else 0.0
-        if not kept_scores or kept_score < gate_cfg.min_dataset_score:
-            raise FidelityGateError(f"fidelity gate: after filtering, {stats.kept} of {n} traces remain with dataset "
-                                    f"score {kept_score:.3f}, below {PREFIX}.min_dataset_score="
-                                    f"{gate_cfg.min_dataset_score}; {restyle}, or lower the thresholds")
+        if not kept_scores:
+            raise FidelityGateError(f"fidelity gate: none of the {n} traces scores at least {PREFIX}.min_trace_score="
+                                    f"{gate_cfg.min_trace_score}, nothing is left to train on; {restyle}, or lower "
+                                    "the threshold")
+        kept_score = sum(kept_scores) / len(kept_scores)
+        if kept_score < gate_cfg.min_dataset_score:
+            raise FidelityGateError(f"fidelity gate: after filtering, the {stats.kept} traces left score "
+                                    f"{kept_score:.3f}, below {PREFIX}.min_dataset_score={gate_cfg.min_dataset_score}; "
+                                    f"{restyle}, or lower the thresholds")
         log(f"fidelity gate: filter kept {stats.kept}/{n} traces (dataset score {kept_score:.3f}) -> {kept}; "
             f"rejected {stats.rejected} -> {stats.rejected_path}")
         return GateResult("filter", True, kept, score, n, len(below), out_dir, problems)

@@ -26,7 +26,7 @@ NUMERIC_FEATURES = {
     "word_frac": "share of word tokens (prose vs symbols)",
     "repetition": "share of repeated token 4-grams",
     "answer_format": "1 when the last line is the expected answer line",
-    "n_tags": "structural tags such as <think>",
+    "n_tags": "structural tags (e.g. think blocks), opening and closing",
 }
 
 _NUMBERED_RE = re.compile(r"^\s*(?:step\s*\d+\s*[:.)]|\d+\s*[.)])", re.IGNORECASE)
