@@ -20,6 +20,8 @@ def main(argv=None) -> int:
     args, rest = parser.parse_known_args(argv)
     overrides = rest + overrides
     if args.mode == "local":
+        from megatron_ext.train import checked_config
+        checked_config(overrides, args.nproc)  # fail before any process starts
         return run_local(args.nproc, overrides)
     return 2
 

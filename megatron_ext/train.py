@@ -10,6 +10,7 @@ import sys
 from typing import Optional, Sequence
 
 import torch.distributed as dist
+from hydra.errors import ConfigCompositionException
 
 from megatron_ext import compat
 from megatron_ext.config.load import compose_config, to_yaml
@@ -29,12 +30,23 @@ def resolve_run_dir(cfg: Config, topo: topology.Topology) -> str:
     return os.path.abspath(chosen[0])
 
 
+def checked_config(overrides: Sequence[str], world_size: int):
+    """Compose and validate, or exit with code 2 and one line naming the problem: nothing has
+    started yet, so nothing is lost."""
+    try:
+        cfg = compose_config(overrides)
+        dims = validate(cfg, world_size,
+                        have_fused_norms=compat.has_transformer_engine() or compat.has_apex())
+    except (ConfigCompositionException, ValueError) as err:
+        cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
+        print(f"config error: {err}{cause}".replace("\n", " "), file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    return cfg, dims
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     overrides = list(sys.argv[1:] if argv is None else argv)
-    cfg = compose_config(overrides)
-    _, _, world_size = topology.env_world()
-    dims = validate(cfg, world_size,
-                    have_fused_norms=compat.has_transformer_engine() or compat.has_apex())
+    cfg, dims = checked_config(overrides, topology.env_world()[2])
     compat.setup()
     topo = topology.initialize(dims, seed=cfg.seed, timeout_s=cfg.parallel.timeout_s)
     run_dir = resolve_run_dir(cfg, topo)

@@ -1,0 +1,37 @@
+"""The local launcher: torchrun's environment, and a failing rank ends the whole run."""
+import subprocess
+import sys
+import time
+
+from launch.local import run_local
+
+SLEEPER = """
+import os, sys, time
+rank = int(os.environ["RANK"])
+assert os.environ["WORLD_SIZE"] == "3" and os.environ["MASTER_ADDR"] == "127.0.0.1"
+if rank == 1:
+    time.sleep(1)
+    sys.exit(7)
+time.sleep(300)
+"""
+
+
+def test_failing_rank_stops_the_others_quickly():
+    start = time.monotonic()
+    code = run_local(3, [], entry=[sys.executable, "-c", SLEEPER])
+    assert code == 7
+    assert time.monotonic() - start < 60
+
+
+def test_all_ranks_succeed():
+    assert run_local(2, [], entry=[sys.executable, "-c", "import os; assert os.environ['RANK'] in '01'"]) == 0
+
+
+def test_bad_data_path_ends_the_run_with_a_named_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch", "local", "--nproc", "2", "--", "logging=none",
+         "data=jsonl", f"data.path={tmp_path}/missing.jsonl", f"run.dir={tmp_path}/run"],
+        capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    assert f"data file '{tmp_path}/missing.jsonl' does not exist" in proc.stderr
+    assert "launch: rank" in proc.stderr
