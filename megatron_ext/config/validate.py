@@ -54,6 +54,13 @@ def validate(cfg: Config, world_size: int, *, have_fused_norms: bool = False) ->
     if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
         raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0 (got lr={t.lr}, "
                           f"min_lr={t.min_lr})")
+    if cfg.stage == "rl":
+        raise ConfigError("stage=rl (GRPO/PPO) is not implemented yet; use stage=pretrain or "
+                          "stage=sft")
+    if t.save_interval or t.resume not in ("auto", "none"):
+        raise ConfigError(f"checkpointing is not implemented yet (train.save_interval="
+                          f"{t.save_interval}, train.resume={t.resume!r}); set "
+                          "train.save_interval=0 and train.resume=auto")
     if cfg.data.source == "jsonl" and not cfg.data.path:
         raise ConfigError("data.source=jsonl needs data.path=/path/to/train.jsonl")
     p = cfg.parallel
