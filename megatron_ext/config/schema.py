@@ -59,7 +59,9 @@ class TrainConfig:
     eval_interval: int = 0  # steps between evals (0: only at the end)
     eval_samples: int = 64  # held-out problems per eval
     save_interval: int = 0  # steps between checkpoints (0: none)
-    resume: str = "auto"  # auto | none | PATH
+    keep_checkpoints: int = 3  # newest checkpoints kept (the last good one is never deleted)
+    resume: str = "auto"  # auto (latest good checkpoint of run.dir) | none | PATH
+    max_bad_steps: int = 3  # NaN/Inf steps in a row before saving a bad-state checkpoint and stopping
     recompute: str = "none"  # none | selective | full
     recompute_method: str = "uniform"  # uniform | block (full recompute)
     recompute_num_layers: int = 1  # layers per recompute unit (full recompute)

@@ -1,6 +1,8 @@
 """Checks a config against the world it will run in; each error names the field and the fix."""
 from __future__ import annotations
 
+import os
+
 from parallel.topology import LayoutError, ParallelDims
 from megatron_ext.config.schema import Config
 
@@ -57,10 +59,12 @@ def validate(cfg: Config, world_size: int, *, have_fused_norms: bool = False) ->
     if cfg.stage == "rl":
         raise ConfigError("stage=rl (GRPO/PPO) is not implemented yet; use stage=pretrain or "
                           "stage=sft")
-    if t.save_interval or t.resume not in ("auto", "none"):
-        raise ConfigError(f"checkpointing is not implemented yet (train.save_interval="
-                          f"{t.save_interval}, train.resume={t.resume!r}); set "
-                          "train.save_interval=0 and train.resume=auto")
+    if t.resume not in ("auto", "none") and not os.path.isdir(t.resume):
+        raise ConfigError(f"train.resume={t.resume!r} is neither auto, none nor a checkpoint "
+                          "folder; give a checkpoints/step_N path")
+    for key in ("train.save_interval", "train.keep_checkpoints", "train.max_bad_steps"):
+        if _get(cfg, key) < (0 if key == "train.save_interval" else 1):
+            raise ConfigError(f"{key}={_get(cfg, key)} is out of range")
     if cfg.data.source == "jsonl" and not cfg.data.path:
         raise ConfigError("data.source=jsonl needs data.path=/path/to/train.jsonl")
     p = cfg.parallel

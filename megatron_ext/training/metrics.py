@@ -26,6 +26,16 @@ class MetricsWriter:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.enabled = enabled
 
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after `step`: a resumed run logs them again, once."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(self.path + ".tmp", self.path)
+
     def write(self, record: Dict) -> None:
         if not self.enabled:
             return

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core.optimizer import clip_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -18,6 +21,7 @@ from megatron_ext.data.sampler import GlobalBatchSampler
 from megatron_ext.data.tokenizer import build_tokenizer
 from megatron_ext.logging.wandb_logger import build_logger
 from megatron_ext.models.gpt import build_model
+from megatron_ext.training import checkpoint
 from megatron_ext.training.metrics import MetricsWriter, progress_line, sum_to_all
 from megatron_ext.training.optimizer import build_optimizer, build_scheduler
 from parallel.topology import Topology
@@ -48,6 +52,26 @@ def _eval_stats(batch: Dict[str, torch.Tensor], vocab_size: int, logits: torch.T
     return loss_sum, mask.sum().to(torch.int), {"eval": stats}
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training produced NaN/Inf for too many steps in a row."""
+
+
+def _guarded_step(optimizer, clip_grad: float, loss_is_finite: bool) -> Tuple[bool, float]:
+    """megatron's ChainedOptimizer.step, with the update skipped when the loss or the global
+    gradient norm is not finite (a NaN update would poison every weight)."""
+    optimizer.prepare_grads()
+    grad_norm = float(optimizer.get_grad_norm())
+    if not (loss_is_finite and math.isfinite(grad_norm)):
+        return False, grad_norm
+    if clip_grad > 0:
+        for opt in optimizer.chained_optimizers:
+            params = opt.get_parameters()
+            if params:
+                clip_grads.clip_grad_by_total_norm_fp32(params, max_norm=clip_grad,
+                                                        total_norm=grad_norm)
+    return optimizer.step_with_ready_grads(), grad_norm
+
+
 class Trainer:
     def __init__(self, cfg: Config, topo: Topology, run_dir: str):
         self.cfg, self.topo, self.run_dir = cfg, topo, run_dir
@@ -68,6 +92,9 @@ class Trainer:
             topo.dp_rank, topo.dims.dp, cfg.seed)
         self.schedule = get_forward_backward_func()
         self.step = 0
+        self.skipped_steps = 0  # non-finite steps skipped in total
+        self.bad_in_a_row = 0
+        self.ckpt_root = os.path.join(run_dir, "checkpoints")
         is_log = topo.is_logging_rank
         self.metrics = MetricsWriter(run_dir, is_log)
         self.logger = build_logger(cfg, run_dir, is_log)
@@ -114,17 +141,23 @@ class Trainer:
         loss_sum, tokens = self.forward_backward()
         if inspect_grads is not None:
             inspect_grads()
+        loss_sum, tokens = sum_to_all([loss_sum, tokens], self._reports_loss)
+        loss = loss_sum / max(tokens, 1.0)
         self.scheduler.step(increment=1)  # the LR of step k is the schedule's value at k
         lr = self.optimizer.param_groups[0]["lr"]
-        _, grad_norm, _ = self.optimizer.step()
-        self.step += 1
-        loss_sum, tokens = sum_to_all([loss_sum, tokens], self._reports_loss)
-        elapsed = time.perf_counter() - start
         t = self.cfg.train
-        return {"step": self.step, "loss": loss_sum / max(tokens, 1.0), "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+        applied, grad_norm = _guarded_step(self.optimizer, t.clip_grad, math.isfinite(loss))
+        self.step += 1
+        if applied:
+            self.bad_in_a_row = 0
+        else:
+            self.skipped_steps += 1
+            self.bad_in_a_row += 1
+        elapsed = time.perf_counter() - start
+        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": t.global_batch_size * t.seq_len / elapsed,
-                "loss_tokens": int(tokens), "step_time_s": elapsed}
+                "loss_tokens": int(tokens), "step_time_s": elapsed,
+                "skipped_steps": self.skipped_steps}
 
     # -- evaluation -----------------------------------------------------------------------
     def _eval_forward(self, data_iterator, model):
@@ -155,19 +188,82 @@ class Trainer:
         self.metrics.write(rec)
         self.logger.log(rec)
 
+    def _log(self, message: str) -> None:
+        if self.topo.is_logging_rank:
+            print(message, flush=True)
+
+    def train_state(self) -> Dict:
+        """What a checkpoint keeps beside the model and optimizer (JSON-able)."""
+        return {"step": self.step, "consumed_samples": self.sampler.consumed_samples,
+                "scheduler": self.scheduler.state_dict(), "skipped_steps": self.skipped_steps,
+                "run_dir": self.run_dir}
+
+    def load_train_state(self, state: Dict) -> None:
+        self.step = state["step"]
+        self.sampler.consumed_samples = state["consumed_samples"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.skipped_steps = state["skipped_steps"]
+
+    def _resume_path(self) -> Optional[str]:
+        """Chosen by rank 0 (it verifies checksums) and shared, so all ranks agree."""
+        mode = self.cfg.train.resume
+        chosen: List[Optional[str]] = [None]
+        if self.topo.rank == 0 and mode != "none":
+            if mode == "auto":
+                chosen[0] = checkpoint.find_resumable(self.ckpt_root, self._log)
+            else:
+                problem = checkpoint.verify(mode)
+                if problem is not None:
+                    chosen[0] = f"error: train.resume={mode!r} is unusable: {problem}"
+                else:
+                    chosen[0] = mode
+        dist.broadcast_object_list(chosen, src=0, group=dist.group.WORLD)
+        if chosen[0] is not None and chosen[0].startswith("error: "):
+            raise checkpoint.CheckpointError(chosen[0][len("error: "):] +
+                                             "; give a complete checkpoint or train.resume=auto")
+        return chosen[0]
+
+    def resume(self) -> None:
+        path = self._resume_path()
+        if path is None:
+            return
+        checkpoint.load(self, path, self._log)
+        self.metrics.truncate_after(self.step)
+        self._log(f"resumed from {path} at step {self.step} "
+                  f"({self.sampler.consumed_samples} samples consumed)")
+
+    def save(self, tag: Optional[str] = None) -> str:
+        path = checkpoint.save(self, self.ckpt_root, tag=tag, keep=self.cfg.train.keep_checkpoints)
+        self._log(f"saved checkpoint {path}")
+        return path
+
     def fit(self) -> Dict:
         t = self.cfg.train
-        is_log = self.topo.is_logging_rank
-        started, last_eval = time.perf_counter(), None
+        self.resume()
+        first_step, started, last_eval, last_save = self.step, time.perf_counter(), None, self.step
         while self.step < t.steps:
             rec = self.train_step()
             if self.step % t.log_interval == 0 or self.step == t.steps:
                 self._record(rec)
-                if is_log:
-                    per_step = (time.perf_counter() - started) / self.step
-                    print(progress_line(rec, t.steps, per_step * (t.steps - self.step)), flush=True)
+                per_step = (time.perf_counter() - started) / (self.step - first_step)
+                self._log(progress_line(rec, t.steps, per_step * (t.steps - self.step)))
+            if self.bad_in_a_row:
+                self._log(f"step {self.step}: loss {rec['loss']} / grad-norm {rec['grad_norm']} "
+                          f"is not finite; update skipped ({self.bad_in_a_row} in a row)")
+                if self.bad_in_a_row >= t.max_bad_steps:
+                    path = self.save(tag="bad-state")
+                    raise NonFiniteLossError(
+                        f"loss or grad norm was NaN/Inf for {self.bad_in_a_row} steps in a row, "
+                        f"up to step {self.step}; the state is saved in {path} for inspection. "
+                        "Lower train.lr, check the data, or resume from the last good "
+                        "checkpoint")
+            if t.save_interval and self.step % t.save_interval == 0:
+                self.save()
+                last_save = self.step
             if self.eval_rows is not None and t.eval_interval and self.step % t.eval_interval == 0:
                 last_eval = self._log_eval()
+        if t.save_interval and last_save != self.step:
+            self.save()
         if self.eval_rows is not None and (last_eval is None or last_eval["step"] != self.step):
             last_eval = self._log_eval()
         self.logger.finish()
