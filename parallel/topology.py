@@ -142,11 +142,22 @@ class Topology:
 
 
 def env_world() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun/`launch` variables, or one process."""
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    return rank, local_rank, world_size
+    """(rank, local_rank, world_size) of this process, from the first that applies:
+
+    - torchrun/`launch local` variables (RANK, LOCAL_RANK, WORLD_SIZE). They win because every
+      worker that torchrun starts inside a SLURM task sees that task's SLURM_PROCID.
+    - an srun step (SLURM_STEP_ID set): SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS. The batch
+      shell also carries SLURM_PROCID=0 and the allocation's SLURM_NTASKS, but a python started
+      there directly is a single process, hence the step check.
+    - otherwise one process.
+    """
+    env = os.environ
+    if "RANK" in env:
+        rank = int(env["RANK"])
+        return rank, int(env.get("LOCAL_RANK", rank)), int(env.get("WORLD_SIZE", 1))
+    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"]), int(env["SLURM_NTASKS"])
+    return 0, 0, 1
 
 
 def initialize(dims: ParallelDims, *, seed: int, timeout_s: int = 600) -> Topology:

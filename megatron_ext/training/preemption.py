@@ -1,0 +1,68 @@
+"""Preemption: SLURM warns a job before it ends it, and the trainer answers by finishing the
+step, saving a checkpoint and exiting with REQUEUE_EXIT_CODE, which the sbatch script turns
+into `scontrol requeue`.
+
+The warning is SIGUSR1 (`--signal=B:USR1@<cluster.signal_seconds>`, forwarded by the batch
+shell to every task) or SIGTERM (scancel, a node drain, the local launcher stopping a run). A
+handler only sets a flag: the step in flight must finish so that the checkpoint is consistent.
+"""
+from __future__ import annotations
+
+import signal
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+# "Requeue me": the trainer saved a checkpoint because it was told to stop, and the run should
+# go on in a new allocation. 75 is EX_TEMPFAIL (sysexits.h), a code no crash produces.
+REQUEUE_EXIT_CODE = 75
+
+
+class PreemptionFlag:
+    """Set by SIGUSR1/SIGTERM once installed; polled by the trainer between steps.
+
+    Ranks get the signal at different moments, so act on `requested_anywhere(group)` (the same
+    answer on every rank), never on `requested()` alone: one rank leaving early hangs the rest.
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._previous: dict = {}
+
+    def install(self) -> "PreemptionFlag":
+        """Take over the signals (main thread only, as Python requires)."""
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        """Give the signals back to the handlers they had before install()."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            print(f"preemption: got {signal.Signals(signum).name}; stopping after this step",
+                  flush=True)
+
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def requested_anywhere(self, group) -> bool:
+        """True on every rank of `group` (the world's, for a whole run) when any rank of it got
+        a signal: a MAX all-reduce, so every rank must call it at the same point of the loop."""
+        device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+        flag = torch.tensor([int(self.requested())], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        return bool(flag.item())
+
+    def __enter__(self) -> "PreemptionFlag":
+        return self.install()
+
+    def __exit__(self, *_exc) -> None:
+        self.uninstall()

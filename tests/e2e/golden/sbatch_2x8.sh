@@ -1,0 +1,58 @@
+#!/bin/bash
+# Written by `python -m launch slurm` for run golden; to run it again: sbatch <RUN_DIR>/sbatch.sh
+#SBATCH --job-name=golden
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --cpus-per-task=1
+#SBATCH --time=02:00:00
+#SBATCH --gpus-per-node=8
+#SBATCH --partition=gpu
+#SBATCH --account=proj
+#SBATCH --exclusive
+#SBATCH --mail-type=END
+#SBATCH --chdir=<WORKDIR>
+#SBATCH --output=<RUN_DIR>/slurm-%j.out
+#SBATCH --error=<RUN_DIR>/slurm-%j.err
+#SBATCH --open-mode=append
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@120
+set -u
+
+# Rendezvous on the first node; the port follows from the job id, so two jobs sharing a node
+# do not collide and every requeue of this job meets on the same one.
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_ADDR
+export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+export OMP_NUM_THREADS=1
+export PYTHONPATH=<REPO>${PYTHONPATH:+:$PYTHONPATH}
+export NCCL_DEBUG=INFO
+REQUEUE_EXIT_CODE=75  # the trainer saved a checkpoint and asks to go on
+MAX_REQUEUES=3  # cluster.max_requeues
+restarts=${SLURM_RESTART_COUNT:-0}
+echo "launch: job $SLURM_JOB_ID (restart $restarts) on $SLURM_JOB_NODELIST, $SLURM_NTASKS" \
+     "tasks, rendezvous $MASTER_ADDR:$MASTER_PORT"
+
+# SLURM sends USR1 to this shell alone (B:) 120 s before the time limit; srun
+# passes it on to every task, whose trainer saves a checkpoint and exits $REQUEUE_EXIT_CODE.
+# No --kill-on-bad-exit: ranks leave with that code one after another, and killing the late
+# ones would cut their checkpoint writes short and turn the code into 143. A crashed rank's
+# peers fail at their next collective (after parallel.timeout_s at worst), ending the step.
+trap 'echo "launch: USR1: telling the tasks to stop"; kill -USR1 "$step" 2>/dev/null' USR1
+srun --ntasks-per-node=8 --cpus-per-task=1 \
+  <PYTHON> -m megatron_ext.train cluster=slurm cluster.nodes=2 cluster.gpus_per_node=8 parallel.tp=2 train.global_batch_size=32 cluster.partition=gpu cluster.account=proj cluster.time=02:00:00 cluster.exclusive=true run.name=golden 'cluster.env=["NCCL_DEBUG=INFO"]' 'cluster.extra_sbatch=["--mail-type=END"]' run.dir=<RUN_DIR> &
+step=$!
+wait "$step"; code=$?
+while kill -0 "$step" 2>/dev/null; do  # a trapped signal ends `wait` early: wait again
+  wait "$step"; code=$?
+done
+
+if [ "$code" -eq "$REQUEUE_EXIT_CODE" ]; then
+  if [ "$restarts" -lt "$MAX_REQUEUES" ]; then
+    echo "launch: the trainer asked to go on; requeue $((restarts + 1)) of $MAX_REQUEUES"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+  fi
+  echo "launch: not requeued: job $SLURM_JOB_ID was requeued $restarts time(s) already" \
+       "(cluster.max_requeues=$MAX_REQUEUES); to go on, sbatch <RUN_DIR>/sbatch.sh" >&2
+fi
+exit "$code"

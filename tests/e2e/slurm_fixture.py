@@ -1,0 +1,53 @@
+"""A real one-node SLURM cluster for the test session: scripts/slurm_up.sh brings it up (as
+root; it installs the packages when missing) and scripts/slurm_down.sh stops it afterwards.
+A cluster that is already up (SLURM_CONF set, or slurm_up.sh's state folder) is used and left
+running. Without one, the tests skip on a developer machine and fail in CI (CI set), where
+they must run."""
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+STATE = os.environ.get("MEXT_SLURM_DIR", "/tmp/mext-slurm")
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
+
+
+def _responds(conf: str) -> bool:
+    if not os.path.exists(conf):
+        return False
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True,
+                              timeout=10, env=dict(os.environ, SLURM_CONF=conf))
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0 and "idle" in proc.stdout
+
+
+@pytest.fixture(scope="session")
+def slurm_env():
+    """os.environ plus the SLURM_CONF that reaches the session's cluster."""
+    for conf in (os.environ.get("SLURM_CONF", ""), f"{STATE}/slurm.conf"):
+        if conf and _responds(conf):
+            yield dict(os.environ, SLURM_CONF=conf)
+            return
+    try:
+        proc = subprocess.run(["bash", str(REPO / "scripts" / "slurm_up.sh")],
+                              capture_output=True, text=True, timeout=600)
+        ok, said = proc.returncode == 0, proc.stderr.strip().splitlines()[-3:]
+    except (OSError, subprocess.TimeoutExpired) as err:
+        ok, said = False, [str(err)]
+    if not ok:
+        reason = "scripts/slurm_up.sh could not bring SLURM up: " + " | ".join(said)
+        if _in_ci():
+            pytest.fail(reason)
+        pytest.skip(reason)
+    conf = proc.stdout.strip().splitlines()[-1].removeprefix("export SLURM_CONF=")
+    try:
+        yield dict(os.environ, SLURM_CONF=conf)
+    finally:
+        subprocess.run(["bash", str(REPO / "scripts" / "slurm_down.sh")], timeout=60)
