@@ -53,13 +53,17 @@ class PreemptionFlag:
     def requested(self) -> bool:
         return self.signum is not None
 
-    def requested_anywhere(self, group) -> bool:
-        """True on every rank of `group` (the world's, for a whole run) when any rank of it got
-        a signal: a MAX all-reduce, so every rank must call it at the same point of the loop."""
+    def signal_anywhere(self, group) -> int:
+        """The highest signal number any rank of `group` got (SIGTERM 15 outranks SIGUSR1 10),
+        0 when none: a MAX all-reduce, so every rank must call it at the same point of the
+        loop, and all ranks then take the same exit."""
         device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-        flag = torch.tensor([int(self.requested())], dtype=torch.int32, device=device)
+        flag = torch.tensor([self.signum or 0], dtype=torch.int32, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return bool(flag.item())
+        return int(flag.item())
+
+    def requested_anywhere(self, group) -> bool:
+        return self.signal_anywhere(group) != 0
 
     def __enter__(self) -> "PreemptionFlag":
         return self.install()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import signal
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -23,6 +24,7 @@ from megatron_ext.logging.wandb_logger import build_logger
 from megatron_ext.models.gpt import build_model
 from megatron_ext.training import checkpoint
 from megatron_ext.training.metrics import MetricsWriter, progress_line, sum_to_all
+from megatron_ext.training.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 from megatron_ext.training.optimizer import build_optimizer, build_scheduler
 from parallel.topology import Topology
 
@@ -74,6 +76,7 @@ def _guarded_step(optimizer, clip_grad: float, loss_is_finite: bool) -> Tuple[bo
 
 class Trainer:
     def __init__(self, cfg: Config, topo: Topology, run_dir: str):
+        self.preemption = PreemptionFlag().install()  # early: USR1 before it would kill us
         self.cfg, self.topo, self.run_dir = cfg, topo, run_dir
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         self.vocab_size = cfg.model.vocab_size or self.tokenizer.vocab_size
@@ -237,6 +240,18 @@ class Trainer:
         self._log(f"saved checkpoint {path}")
         return path
 
+    def _stop_for_preemption(self, signum: int, last_save: int) -> None:
+        """USR1 (SLURM's warning before preemption or the time limit): save and exit with the
+        code the sbatch script requeues on. SIGTERM (scancel, node failure): save and fail."""
+        if last_save != self.step:
+            self.save()
+        self.logger.finish()
+        requeue = signum == signal.SIGUSR1
+        self._log(f"stopping at step {self.step} on {signal.Signals(signum).name}"
+                  f"{': exiting for requeue' if requeue else ''}")
+        dist.barrier(group=dist.group.WORLD)
+        raise SystemExit(REQUEUE_EXIT_CODE if requeue else 128 + signum)
+
     def fit(self) -> Dict:
         t = self.cfg.train
         self.resume()
@@ -260,6 +275,9 @@ class Trainer:
             if t.save_interval and self.step % t.save_interval == 0:
                 self.save()
                 last_save = self.step
+            signum = self.preemption.signal_anywhere(dist.group.WORLD)
+            if signum:
+                self._stop_for_preemption(signum, last_save)
             if self.eval_rows is not None and t.eval_interval and self.step % t.eval_interval == 0:
                 last_eval = self._log_eval()
         if t.save_interval and last_save != self.step:

@@ -106,3 +106,26 @@ def test_resume_on_another_layout(reference, tmp_path, nproc, extra, layout):
     assert [g[0] for g in got] == [5, 6, 7, 8]
     for (_, loss, gnorm, lr), (_, rloss, rgnorm, rlr) in zip(got, want):
         assert abs(loss - rloss) < 1e-5 and abs(gnorm - rgnorm) < 1e-4 and lr == rlr
+
+
+def test_usr1_saves_exits_for_requeue_and_resumes_exactly(reference, tmp_path):
+    """SLURM's preemption warning, sent to the launcher (which forwards it to every rank)."""
+    run_dir = str(tmp_path / "run")
+    proc = subprocess.Popen(_cmd(run_dir), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step     3/"):
+            proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=120) == 75  # REQUEUE_EXIT_CODE
+    stopped = next(l for l in lines if l.startswith("stopping at step"))
+    assert "SIGUSR1: exiting for requeue" in stopped
+    step = int(stopped.split()[3])
+    assert any(l.startswith(f"saved checkpoint") and l.rstrip().endswith(f"step_{step:08d}")
+               for l in lines)
+    out = _run(run_dir)
+    assert f"at step {step}" in out
+    assert _metrics(run_dir) == _metrics(reference)
+    got, want = _state(run_dir, STEPS, tmp_path), _state(reference, STEPS, tmp_path)
+    assert all(torch.equal(got[k], want[k]) for k in want)
