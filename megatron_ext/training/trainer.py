@@ -20,6 +20,7 @@ from megatron_ext.config.schema import Config
 from megatron_ext.data.dataset import TokenRows, build_rows
 from megatron_ext.data.sampler import GlobalBatchSampler
 from megatron_ext.data.tokenizer import build_tokenizer
+from megatron_ext.logging.nvml import GpuMonitor
 from megatron_ext.logging.wandb_logger import build_logger
 from megatron_ext.models.gpt import build_model
 from megatron_ext.training import checkpoint
@@ -102,6 +103,8 @@ class Trainer:
         self.metrics = MetricsWriter(run_dir, is_log)
         self.logger = build_logger(cfg, run_dir, is_log)
         self._reports_loss = topo.is_last_stage and topo.tp_rank == 0 and topo.cp_rank == 0
+        self.gpu = GpuMonitor(cfg.logging.nvml_interval, topo.local_rank, run_dir,
+                              log=lambda m: print(m, flush=True))
 
     # -- one step -------------------------------------------------------------------------
     def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -258,6 +261,9 @@ class Trainer:
         first_step, started, last_eval, last_save = self.step, time.perf_counter(), None, self.step
         while self.step < t.steps:
             rec = self.train_step()
+            gpu = self.gpu.maybe_sample(self.step)
+            if gpu and self.topo.is_logging_rank:
+                self.logger.log({"step": self.step, **gpu})
             if self.step % t.log_interval == 0 or self.step == t.steps:
                 self._record(rec)
                 per_step = (time.perf_counter() - started) / (self.step - first_step)
