@@ -4,13 +4,14 @@ Started once per process by `python -m launch local|slurm`, torchrun or srun. Th
 composed and validated before any process group exists; the run directory is printed first."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import sys
 from typing import Optional, Sequence
 
 import torch.distributed as dist
-from hydra.errors import ConfigCompositionException
+from hydra.errors import HydraException
 
 from megatron_ext import compat
 from megatron_ext.config.load import compose_config, to_yaml
@@ -30,6 +31,34 @@ def resolve_run_dir(cfg: Config, topo: topology.Topology) -> str:
     return os.path.abspath(chosen[0])
 
 
+def apply_fidelity_gate(cfg: Config, topo: topology.Topology, run_dir: str):
+    """Run `data.fidelity_gate` on rank 0 before any training step; every rank then trains on
+    the file it chose (the kept traces under action=filter) or exits 2 with its message."""
+    if not cfg.data.fidelity_gate.enabled:
+        return cfg, None
+    from megatron_ext.align.gate import run_fidelity_gate
+    outcome = [None]
+    if topo.is_logging_rank:
+        try:
+            r = run_fidelity_gate(cfg.data.fidelity_gate, cfg.data.path,
+                                  os.path.join(run_dir, "fidelity"))
+            outcome[0] = {"path": r.train_path, "score": r.dataset_score,
+                          "below": r.n_below, "traces": r.n_traces}
+        except ValueError as err:  # FidelityGateError and bad data lines
+            outcome[0] = {"error": str(err)}
+    dist.broadcast_object_list(outcome, src=0, group=dist.group.WORLD)
+    result = outcome[0]
+    if "error" in result:
+        if topo.is_logging_rank:
+            print(f"fidelity gate: {result['error']}", file=sys.stderr, flush=True)
+        topology.destroy()
+        raise SystemExit(2)
+    data = dataclasses.replace(cfg.data, path=result["path"])
+    record = {"step": 0, "split": "fidelity", "dataset_score": result["score"],
+              "traces_below_min": result["below"], "traces": result["traces"]}
+    return dataclasses.replace(cfg, data=data), record
+
+
 def checked_config(overrides: Sequence[str], world_size: int):
     """Compose and validate, or exit with code 2 and one line naming the problem: nothing has
     started yet, so nothing is lost."""
@@ -37,7 +66,7 @@ def checked_config(overrides: Sequence[str], world_size: int):
         cfg = compose_config(overrides)
         dims = validate(cfg, world_size,
                         have_fused_norms=compat.has_transformer_engine() or compat.has_apex())
-    except (ConfigCompositionException, ValueError) as err:
+    except (HydraException, ValueError) as err:
         cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
         print(f"config error: {err}{cause}".replace("\n", " "), file=sys.stderr, flush=True)
         raise SystemExit(2) from None
@@ -60,7 +89,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
               f"{topo.device.type}", flush=True)
     from megatron_ext.training.trainer import Trainer  # after the CPU bridge is installed
     try:
+        cfg, gate = apply_fidelity_gate(cfg, topo, run_dir)
         trainer = Trainer(cfg, topo, run_dir)
+        if gate is not None:
+            trainer.logger.log(gate)
         return trainer.fit()
     finally:
         topology.destroy()

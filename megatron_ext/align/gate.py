@@ -12,7 +12,6 @@ from typing import Callable, List, Optional
 
 from megatron_ext.align.compare import compare
 from megatron_ext.align.filter import check_score_threshold, write_split
-from megatron_ext.align.report import write_report
 
 ACTIONS = ("filter", "warn", "fail")
 PREFIX = "data.fidelity_gate"
@@ -63,6 +62,7 @@ def run_fidelity_gate(gate_cfg: FidelityGateConfig, candidate_path: str, out_dir
     if not gate_cfg.enabled:
         return GateResult(gate_cfg.action, True, candidate_path, None, 0, 0, None, [])
     gate_cfg.validate()
+    from megatron_ext.align.report import write_report  # matplotlib: only when the gate runs
     result = compare(gate_cfg.reference, candidate_path)
     write_report(result, out_dir)
     score, n = result.dataset_score, len(result.traces)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from megatron_ext.align.gate import FidelityGateConfig
+
 
 @dataclass
 class ModelConfig:
@@ -86,6 +88,7 @@ class DataConfig:
     loss_on_prompt: bool = False  # SFT masks the prompt; pretrain sets this true
     on_malformed: str = "error"  # error | skip (skip counts and reports them)
     task: TaskConfig = field(default_factory=TaskConfig)
+    fidelity_gate: FidelityGateConfig = field(default_factory=FidelityGateConfig)  # SFT data check
 
 
 @dataclass

@@ -65,6 +65,9 @@ def validate(cfg: Config, world_size: int, *, have_fused_norms: bool = False) ->
     for key in ("train.save_interval", "train.keep_checkpoints", "train.max_bad_steps"):
         if _get(cfg, key) < (0 if key == "train.save_interval" else 1):
             raise ConfigError(f"{key}={_get(cfg, key)} is out of range")
+    if cfg.data.fidelity_gate.enabled and cfg.data.source != "jsonl":
+        raise ConfigError("data.fidelity_gate checks JSONL SFT data; set data=jsonl "
+                          "data.path=... or data.fidelity_gate.enabled=false")
     if cfg.data.source == "jsonl" and not cfg.data.path:
         raise ConfigError("data.source=jsonl needs data.path=/path/to/train.jsonl")
     p = cfg.parallel

@@ -30,7 +30,7 @@ class WandbLogger:
             f.write(self.run.id)
 
     def log(self, record: Dict) -> None:
-        prefix = "eval/" if record.get("split") == "eval" else "train/"
+        prefix = record.get("split", "train") + "/"
         data = {prefix + k: v for k, v in record.items()
                 if k not in ("step", "split") and isinstance(v, (int, float))}
         self.run.log(data, step=int(record["step"]))
