@@ -1,0 +1,182 @@
+"""Blockwise attention kernel, ring_attention at CP=1 and the megatron adapter, one process."""
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from parallel.ring_attention import (
+    RingCoreAttention,
+    attention_block_backward,
+    attention_block_forward,
+    ring_attention,
+)
+
+
+def naive_attention(q, k, v, scale, causal):
+    """(out, lse) with bottom-right causal alignment; kv heads repeated for GQA."""
+    groups = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if causal:
+        sq, sk = q.shape[1], k.shape[1]
+        future = torch.ones(sq, sk, dtype=torch.bool).triu(sk - sq + 1)
+        scores = scores.masked_fill(future, float("-inf"))
+    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v)
+    return out, scores.logsumexp(dim=-1)
+
+
+def _inputs(b, sq, sk, hq, hkv, d, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = ((b, sq, hq, d), (b, sk, hkv, d), (b, sk, hkv, d), (b, sq, hq, d))
+    return [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(
+    "b, sq, sk, hq, hkv, d, block",
+    [
+        (2, 13, 13, 4, 4, 24, 5),  # tiles with ragged edges
+        (1, 7, 19, 6, 2, 40, 4),  # GQA, more keys than queries
+        (1, 16, 16, 2, 1, 8, 16),  # one tile
+    ],
+)
+def test_block_kernel_matches_naive(causal, b, sq, sk, hq, hkv, d, block):
+    q, k, v, dout = _inputs(b, sq, sk, hq, hkv, d)
+    scale = 0.7 / math.sqrt(d)
+    ref_q, ref_k, ref_v = (t.clone().requires_grad_() for t in (q, k, v))
+    ref_out, ref_lse = naive_attention(ref_q, ref_k, ref_v, scale, causal)
+    ref_out.backward(dout)
+
+    out, lse = attention_block_forward(q.float(), k.float(), v.float(), scale, causal, block)
+    assert out.dtype == lse.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref_out.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse.detach(), atol=1e-5, rtol=1e-5)
+    grads = attention_block_backward(
+        dout.float(), q.float(), k.float(), v.float(), out, lse, scale, causal, block
+    )
+    for got, want in zip(grads, (ref_q.grad, ref_k.grad, ref_v.grad)):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_block_kernel_bf16_accumulates_in_fp32():
+    q, k, v, _ = _inputs(1, 64, 64, 2, 1, 16, dtype=torch.bfloat16)
+    out, lse = attention_block_forward(q, k, v, 0.25, True, 16)
+    assert out.dtype == lse.dtype == torch.float32
+    ref_out, ref_lse = naive_attention(q.double(), k.double(), v.double(), 0.25, True)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_block_needs_enough_keys():
+    q, k, v, _ = _inputs(1, 8, 4, 2, 2, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="8 queries and 4 keys"):
+        attention_block_forward(q, k, v, 1.0, True)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_ring_attention_single_process(causal):
+    q, k, v, dout = _inputs(2, 12, 12, 4, 2, 24, dtype=torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = ring_attention(q, k, v, causal=causal)
+    out.backward(dout)
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_out, _ = naive_attention(*ref, 24**-0.5, causal)
+    ref_out.backward(dout.double())
+    torch.testing.assert_close(out.double(), ref_out.detach(), atol=1e-5, rtol=1e-5)
+    for got, want in zip((q.grad, k.grad, v.grad), (t.grad for t in ref)):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_ring_attention_single_process_kv_cache(causal):
+    """Decoding at CP=1: fewer queries than keys, queries are the last tokens."""
+    q, k, v, dout = _inputs(1, 3, 10, 4, 2, 16, dtype=torch.float32)
+    q.requires_grad_()
+    out = ring_attention(q, k, v, causal=causal)
+    out.backward(dout)
+    ref_q = q.detach().double().requires_grad_()
+    ref_out, _ = naive_attention(ref_q, k.double(), v.double(), 0.25, causal)
+    ref_out.backward(dout.double())
+    torch.testing.assert_close(out.double(), ref_out.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(q.grad.double(), ref_q.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_ring_attention_rejects_bad_heads():
+    q, k, v, _ = _inputs(1, 4, 4, 4, 3, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="3 kv heads do not divide 4 query heads"):
+        ring_attention(q, k, v)
+
+
+class NaiveCoreAttention(torch.nn.Module):
+    """The reference for the adapter, with the same core_attention contract."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, **_):
+        super().__init__()
+        self.scale = config.kv_channels**-0.5
+
+    def forward(self, query, key, value, attention_mask, **_):
+        out, _ = naive_attention(
+            *(t.transpose(0, 1) for t in (query, key, value)), self.scale, causal=True
+        )
+        return out.transpose(0, 1).reshape(query.shape[0], query.shape[1], -1)
+
+
+@pytest.fixture
+def megatron_single_rank():
+    """A one-rank gloo world with megatron's parallel state (TP = PP = CP = 1)."""
+    from megatron.core import parallel_state
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    yield parallel_state
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+def test_adapter_inside_megatron_self_attention(megatron_single_rank):
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=1, hidden_size=48, num_attention_heads=4, num_query_groups=2,
+        attention_dropout=0.0, hidden_dropout=0.0, use_cpu_initialization=True,
+    )
+
+    def layer(core_attention):
+        torch.manual_seed(0)
+        submodules = SelfAttentionSubmodules(
+            linear_qkv=ColumnParallelLinear,
+            core_attention=core_attention,
+            linear_proj=RowParallelLinear,
+        )
+        return SelfAttention(config, submodules, layer_number=1, attn_mask_type=AttnMaskType.causal)
+
+    ring_layer, ref_layer = layer(RingCoreAttention), layer(NaiveCoreAttention)
+    assert ring_layer.core_attention.cp_group is megatron_single_rank.get_context_parallel_group()
+    x = torch.randn(10, 2, 48)  # [s, b, h]
+    x_ring, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, _ = ring_layer(x_ring, None)
+    ref, _ = ref_layer(x_ref, None)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(x_ring.grad, x_ref.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_adapter_rejects_dropout():
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2)
+    with pytest.raises(ValueError, match="attention dropout 0.1.*attention_dropout=0.0"):
+        RingCoreAttention(config, 1, AttnMaskType.causal, "self")
