@@ -15,6 +15,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext.compat import has_transformer_engine
 from megatron_ext.config.schema import Config
+from parallel.ring_attention import RingCoreAttention
 from parallel.topology import Topology
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -74,12 +75,18 @@ def transformer_config(cfg: Config, topo: Topology) -> TransformerConfig:
 
 
 def layer_spec(cfg: Config) -> ModuleSpec:
+    """megatron's GPT layer spec (TE's when TE imports on a GPU, else the local one); with
+    parallel.cp > 1 its core attention is our ring attention, so CP needs no TE."""
     if has_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec)
-        return get_gpt_layer_with_transformer_engine_spec()
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if cfg.parallel.cp > 1:
+        spec.submodules.self_attention.submodules.core_attention = RingCoreAttention
+    return spec
 
 
 def build_gpt_chunks(cfg: Config, topo: Topology, vocab_size: int) -> List[GPTModel]:

@@ -27,6 +27,7 @@ from megatron_ext.training import checkpoint
 from megatron_ext.training.metrics import MetricsWriter, progress_line, sum_to_all
 from megatron_ext.training.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
 from megatron_ext.training.optimizer import build_optimizer, build_scheduler
+from parallel.context import zigzag_split
 from parallel.topology import Topology
 
 
@@ -39,7 +40,7 @@ def _lm_loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
                                                               count.detach().clone()])}
 
 
-def _eval_stats(batch: Dict[str, torch.Tensor], vocab_size: int, logits: torch.Tensor):
+def _eval_stats(batch: Dict[str, torch.Tensor], vocab_size: int, cp_group, logits: torch.Tensor):
     """Held-out loss and greedy exact match. A row counts as solved when the argmax at every
     response position is the reference token: exactly when greedy decoding from the prompt
     reproduces the whole reference solution."""
@@ -47,11 +48,16 @@ def _eval_stats(batch: Dict[str, torch.Tensor], vocab_size: int, logits: torch.T
     mask, labels = batch["loss_mask"], batch["labels"]
     nll = F.cross_entropy(full.reshape(-1, vocab_size), labels.reshape(-1),
                           reduction="none").view_as(mask)
-    hit = (full.argmax(-1) == labels) | (mask == 0)
-    rows = (mask.sum(1) > 0)
-    solved = (hit.all(1) & rows).sum()
+    # per row: response tokens in this CP shard, and how many of them greedy gets wrong
+    per_row = torch.stack([mask.sum(1), ((full.argmax(-1) != labels).float() * mask).sum(1)])
+    if cp_group is not None:  # a row's tokens are spread over the CP ranks
+        dist.all_reduce(per_row, group=cp_group)
+    rows = per_row[0] > 0
+    solved = (rows & (per_row[1] == 0)).sum()
+    first = cp_group is None or dist.get_rank(cp_group) == 0  # count rows once
     loss_sum = (nll * mask).sum()
-    stats = torch.stack([loss_sum, mask.sum(), solved.float(), rows.sum().float()]).detach()
+    stats = torch.stack([loss_sum, mask.sum(), solved.float() * first,
+                         rows.sum().float() * first]).detach()
     return loss_sum, mask.sum().to(torch.int), {"eval": stats}
 
 
@@ -102,12 +108,18 @@ class Trainer:
         is_log = topo.is_logging_rank
         self.metrics = MetricsWriter(run_dir, is_log)
         self.logger = build_logger(cfg, run_dir, is_log)
-        self._reports_loss = topo.is_last_stage and topo.tp_rank == 0 and topo.cp_rank == 0
+        # the last stage holds the loss; TP ranks hold copies, CP ranks disjoint tokens
+        self._reports_loss = topo.is_last_stage and topo.tp_rank == 0
         self.gpu = GpuMonitor(cfg.logging.nvml_interval, topo.local_rank, run_dir,
                               log=lambda m: print(m, flush=True))
 
     # -- one step -------------------------------------------------------------------------
     def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """This rank's part of a micro-batch on its device: with CP, the zigzag shard of every
+        [b, s] tensor (megatron's CP RoPE expects exactly that split)."""
+        cp = self.topo.dims.cp
+        if cp > 1:
+            batch = {k: zigzag_split(v, cp, self.topo.cp_rank, dim=1) for k, v in batch.items()}
         return {k: v.to(self.topo.device, non_blocking=True) for k, v in batch.items()}
 
     def _train_forward(self, data_iterator, model):
@@ -115,14 +127,20 @@ class Trainer:
         out = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         return out, functools.partial(_lm_loss, batch["loss_mask"])
 
-    def _run_schedule(self, batches: List[Dict], forward_step, forward_only: bool) -> List[Dict]:
-        iterators = [iter(batches) for _ in self.model]
+    def _run_schedule(self, batches: List[Dict], forward_step, forward_only: bool,
+                      model: Optional[List] = None, seq_length: Optional[int] = None
+                      ) -> List[Dict]:
+        """megatron's schedule over `batches` on `model` (default: the trained chunks) with
+        sequences of `seq_length` (default: train.seq_len); RL passes its critic, reference
+        and rollout lengths."""
+        model = self.model if model is None else model
+        iterators = [iter(batches) for _ in model]
         return self.schedule(
             forward_step_func=forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
-            model=self.model if len(self.model) > 1 else self.model[0],
+            model=model if len(model) > 1 else model[0],
             num_microbatches=len(batches),
-            seq_length=self.cfg.train.seq_len,
+            seq_length=seq_length or self.cfg.train.seq_len,
             micro_batch_size=self.cfg.train.micro_batch_size,
             forward_only=forward_only,
         )
@@ -169,7 +187,8 @@ class Trainer:
     def _eval_forward(self, data_iterator, model):
         batch = next(data_iterator)
         logits = model(batch["tokens"], batch["position_ids"], None)
-        return logits, functools.partial(_eval_stats, batch, self.vocab_size)
+        cp_group = self.topo.cp_group if self.topo.dims.cp > 1 else None
+        return logits, functools.partial(_eval_stats, batch, self.vocab_size, cp_group)
 
     def evaluate(self) -> Dict:
         """Held-out loss and greedy exact-match accuracy, split over the DP ranks."""

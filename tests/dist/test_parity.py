@@ -14,11 +14,15 @@ TWO = {
     "dp2": [],
     "dp2_distopt": ["parallel.use_distributed_optimizer=true"],
     "pp2_vpp2": ["parallel.pp=2", "parallel.vpp=2"],
+    "cp2": ["parallel.cp=2"],
 }
 FOUR = {
     "tp2_pp2": ["parallel.tp=2", "parallel.pp=2"],
     "pp2_vpp2_dp2_distopt": ["parallel.pp=2", "parallel.vpp=2",
                              "parallel.use_distributed_optimizer=true"],
+    "cp4": ["parallel.cp=4"],
+    "tp2_cp2": ["parallel.tp=2", "parallel.cp=2"],
+    "pp2_cp2": ["parallel.pp=2", "parallel.cp=2"],
 }
 
 
