@@ -11,7 +11,8 @@ import time
 from typing import List, Optional, Sequence
 
 ENTRY = [sys.executable, "-m", "megatron_ext.train"]
-GRACE_S = 10.0
+GRACE_S = 10.0  # SIGTERM -> SIGKILL when stopping the other ranks
+POLL_S = 0.05  # short, so that the first rank to fail is seen before its peers fail too
 
 
 def free_port() -> int:
@@ -27,6 +28,16 @@ def rank_env(rank: int, nproc: int, port: int, base: Optional[dict] = None) -> d
     if nproc > 1:  # as torchrun: N processes with all-core thread pools would oversubscribe
         env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+def _how(code: int) -> str:
+    """How a process ended, from Popen.returncode (-N: killed by signal N)."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
 
 
 def _stop(procs: List[subprocess.Popen]) -> None:
@@ -64,15 +75,19 @@ def run_local(nproc: int, overrides: Sequence[str], entry: Sequence[str] = ENTRY
     try:
         while True:
             codes = [p.poll() for p in procs]
-            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            # A rank killed by a signal is the cause; peers that then fail in a collective
+            # ("Connection closed by peer") exit 1 moments later: name the killed one first.
+            failed = sorted(((r, c) for r, c in enumerate(codes) if c not in (None, 0)),
+                            key=lambda rc: (rc[1] > 0, rc[0]))
             if failed:
                 rank, code = failed[0]
-                print(f"launch: rank {rank} exited with code {code}; stopping the other "
+                also = "".join(f"; rank {r} {_how(c)} too" for r, c in failed[1:])
+                print(f"launch: rank {rank} {_how(code)}{also}; stopping the other "
                       f"{sum(c is None for c in codes)} process(es)", file=sys.stderr, flush=True)
                 _stop(procs)
                 return code if code > 0 else 128 - code
             if all(c == 0 for c in codes):
                 return 0
-            time.sleep(0.2)
+            time.sleep(POLL_S)
     finally:
         _stop(procs)

@@ -36,7 +36,8 @@ class ParallelDims:
         """Raise LayoutError for the first rule the layout breaks, before any group exists."""
         for name in ("tp", "pp", "cp"):
             if getattr(self, name) < 1:
-                raise LayoutError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+                raise LayoutError(f"parallel.{name}={getattr(self, name)} must be >= 1; set it "
+                                  "to 1 or more")
         model_parallel = self.tp * self.pp * self.cp
         if self.world_size % model_parallel:
             raise LayoutError(
@@ -69,7 +70,8 @@ class ParallelDims:
                 "(zigzag context parallelism cuts the sequence into 2*cp chunks); pad or "
                 "change seq_len")
         if micro_batch_size < 1:
-            raise LayoutError(f"train.micro_batch_size={micro_batch_size} must be >= 1")
+            raise LayoutError(f"train.micro_batch_size={micro_batch_size} must be >= 1; set it "
+                              "to 1 or more")
         if global_batch_size % (micro_batch_size * self.dp):
             raise LayoutError(
                 f"train.global_batch_size={global_batch_size} is not divisible by "
@@ -187,7 +189,9 @@ def initialize(dims: ParallelDims, *, seed: int, timeout_s: int = 600) -> Topolo
         pipeline_model_parallel_size=dims.pp,
         virtual_pipeline_model_parallel_size=dims.vpp,
         context_parallel_size=dims.cp,
-        distributed_timeout_minutes=max(1, timeout_s // 60),
+        # megatron builds its TP/PP/DP groups with timedelta(minutes=this): the exact seconds,
+        # so a collective on any group gives up after parallel.timeout_s, not a rounded value
+        distributed_timeout_minutes=timeout_s / 60,
     )
     model_parallel_cuda_manual_seed(seed)
     return Topology(

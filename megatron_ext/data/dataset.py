@@ -40,7 +40,8 @@ def _pairs(cfg: Config, split: str, path: Optional[str]):
         n = cfg.data.num_samples if split == "train" else cfg.train.eval_samples
         return task_examples(task, n, split), {}
     stats: Dict[str, int] = {}
-    return list(read_jsonl(path, cfg.data.on_malformed, stats)), stats
+    key = "data.path" if split == "train" else "data.valid_path"
+    return list(read_jsonl(path, cfg.data.on_malformed, stats, key)), stats
 
 
 def build_rows(cfg: Config, tokenizer, split: str = "train") -> TokenRows:
@@ -50,15 +51,25 @@ def build_rows(cfg: Config, tokenizer, split: str = "train") -> TokenRows:
         raise DataError("held-out rows of a JSONL run need data.valid_path")
     pairs, stats = _pairs(cfg, split, path)
     if not pairs:
-        raise DataError(f"the {split} data is empty ({path or 'built-in task'}); give a file "
-                        "with at least one valid line")
+        if cfg.data.source == "task":
+            raise DataError(f"the built-in task gave no {split} examples "
+                            f"(data.num_samples={cfg.data.num_samples}, train.eval_samples="
+                            f"{cfg.train.eval_samples}); raise them")
+        skipped = stats.get("skipped", 0)
+        why = (f"all {skipped} non-empty lines are malformed and data.on_malformed=skip "
+               "passed over them" if skipped else "it has no non-empty line")
+        raise DataError(f"the {split} data {path!r} is empty: {why}; give a file with at least "
+                        'one {"prompt": ..., "response": ...} line')
     examples = [encode_example(tokenizer, p, r, cfg.data.loss_on_prompt or cfg.stage == "pretrain")
                 for p, r in pairs]
-    for ex in examples:
+    for i, ex in enumerate(examples):
         bad = [t for t in ex.tokens if not 0 <= t < tokenizer.vocab_size]
         if bad:
-            raise DataError(f"token id {bad[0]} is outside the tokenizer vocab "
-                            f"[0, {tokenizer.vocab_size})")
+            where = f"{path!r} example {i + 1}" if path else f"built-in task example {i + 1}"
+            raise DataError(f"{where}: token id {bad[0]} is outside the tokenizer vocab "
+                            f"[0, {tokenizer.vocab_size}) of data.tokenizer="
+                            f"{cfg.data.tokenizer!r}; the tokenizer file is inconsistent (an "
+                            "added token beyond its vocab size?): fix it or use another")
     packed = cfg.data.pack and split == "train"
     tokens, mask, truncated = pack(examples, cfg.train.seq_len + 1, tokenizer.pad_id, packed)
     stats.update(examples=len(examples), rows=int(tokens.shape[0]), truncated=truncated)

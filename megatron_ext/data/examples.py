@@ -26,19 +26,20 @@ def encode_example(tokenizer, prompt: str, response: str, loss_on_prompt: bool) 
 
 
 def read_jsonl(path: str, on_malformed: str = "error",
-               stats: Optional[dict] = None) -> Iterator[Tuple[str, str]]:
+               stats: Optional[dict] = None, key: str = "data.path") -> Iterator[Tuple[str, str]]:
     """(prompt, response) pairs. A malformed line raises DataError naming file:line, or with
-    on_malformed="skip" is counted in stats["skipped"] and passed over."""
+    on_malformed="skip" is counted in stats["skipped"] and passed over. `key` is the config
+    field the path came from, for the messages."""
     if not os.path.isfile(path):
-        raise DataError(f"data file {path!r} does not exist; check data.path")
+        raise DataError(f"data file {path!r} does not exist; check {key}")
     stats = stats if stats is not None else {}
     stats.setdefault("skipped", 0)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # decoded per line, so that bad UTF-8 is named by its line
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(raw.decode("utf-8"))
                 if not isinstance(obj, dict):
                     raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
                 prompt, response = obj.get("prompt"), obj.get("response")

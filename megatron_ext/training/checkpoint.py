@@ -5,14 +5,21 @@ of every rank, the W&B run id, the resolved config), committed atomically.
 A checkpoint is written into `.tmp-step_N`, fsynced, described by `manifest.json` (size and
 sha256 of every file), renamed to `step_N`, and only then does `latest` point at it. On resume
 the newest checkpoint whose manifest verifies is used; a partial or corrupt one is named and
-skipped. Nothing is unpickled: torch files load with weights_only=True."""
+skipped. Nothing unpickles arbitrary objects: our torch files load with weights_only=True (as
+megatron's common.pt does under torch's default), and torch's `.metadata` file, which
+torch.distributed.checkpoint reads with plain pickle.load, is first checked to hold only its own
+metadata classes (`verify`)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
+import signal
+import threading
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -64,6 +71,52 @@ def write_manifest(root: str) -> None:
     _atomic_write(os.path.join(root, MANIFEST), json.dumps({"files": entries}, indent=1))
 
 
+def _safe_pickle_globals() -> set:
+    """(module, name) of what a DCP `.metadata` pickle may reference: torch's checkpoint
+    metadata classes, torch.Size, the dtypes, and the layout helper."""
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+    import torch.distributed.checkpoint.metadata as dcp_meta
+    import torch.distributed.checkpoint.planner as dcp_plan
+    allowed = {(m.__name__, n) for m in (dcp_meta, dcp_plan) for n, obj in vars(m).items()
+               if isinstance(obj, type) and obj.__module__ == m.__name__}
+    allowed |= {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                (dcp_fs.__name__, "_StorageInfo"), ("collections", "OrderedDict")}
+    allowed |= {("torch", n) for n, obj in vars(torch).items() if isinstance(obj, torch.dtype)}
+    return allowed
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    allowed: set = set()
+
+    def find_class(self, module, name):
+        if (module, name) not in self.allowed:
+            raise _ForbiddenGlobal(f"{module}.{name}")
+        return super().find_class(module, name)
+
+
+def _unsafe_pickle(path: str) -> Optional[str]:
+    """What is wrong with the checkpoint's DCP `.metadata` pickle, or None: it may reference
+    nothing but checkpoint metadata, because torch loads it with plain pickle.load."""
+    meta = os.path.join(path, ".metadata")
+    if not os.path.isfile(meta):
+        return None
+    if not _MetadataUnpickler.allowed:
+        _MetadataUnpickler.allowed = _safe_pickle_globals()
+    try:
+        with open(meta, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except _ForbiddenGlobal as err:
+        return (f"file .metadata references {err}, which a checkpoint never holds; refusing "
+                "to unpickle it")
+    except Exception as err:  # truncated or garbled: pickle raises many kinds
+        return f"file .metadata is unreadable ({type(err).__name__}: {err})"
+    return None
+
+
 def verify(path: str) -> Optional[str]:
     """None when the checkpoint is complete and intact, else what is wrong with it."""
     manifest = os.path.join(path, MANIFEST)
@@ -81,7 +134,7 @@ def verify(path: str) -> Optional[str]:
             return f"file {rel} has {os.path.getsize(full)} bytes, manifest says {meta['size']}"
         if _sha256(full) != meta["sha256"]:
             return f"file {rel} fails its sha256 check"
-    return None
+    return _unsafe_pickle(path)
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -134,6 +187,26 @@ def _set_rng_state(state: Dict[str, torch.Tensor]) -> None:
 
 
 # -- save / load ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _children_shielded():
+    """Block SIGUSR1 and SIGTERM in this thread while dist_checkpointing saves.
+
+    megatron starts helper processes there: a multiprocessing Manager (spawned, at the first
+    save, and kept for the rest of the run) and forked writers. SLURM delivers USR1 and SIGTERM
+    to every process of a job step, and a spawned process dies of them (default action): the
+    save that the signal asked for then failed with EOFError or ConnectionRefusedError. Helpers
+    started under this mask inherit it and so ignore the signals for good; in the trainer they
+    only stay pending for the duration of the save and then reach its handler."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _sharded_state(trainer, is_loading: bool) -> Dict:
     chunks = [getattr(c, "module", c) for c in trainer.model]
     model = ({"model": chunks[0].sharded_state_dict()} if len(chunks) == 1 else
@@ -164,7 +237,8 @@ def save(trainer, root: str, tag: Optional[str] = None, keep: int = 3) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier(group=dist.group.WORLD)
-    dist_checkpointing.save(_sharded_state(trainer, is_loading=False), tmp)
+    with _children_shielded():
+        dist_checkpointing.save(_sharded_state(trainer, is_loading=False), tmp)
     os.makedirs(os.path.join(tmp, "rank_state"), exist_ok=True)
     torch.save(_rng_state(), os.path.join(tmp, "rank_state", f"{topo.rank:05d}.pt"))
     if topo.rank == 0:
