@@ -15,6 +15,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext.compat import has_transformer_engine
 from megatron_ext.config.schema import Config
+from megatron_ext.models.fused_loss import FusedLossGPTModel
+from megatron_ext.ops.megatron_swiglu import apply_fused_swiglu
 from parallel.ring_attention import RingCoreAttention
 from parallel.topology import Topology
 
@@ -93,12 +95,15 @@ def build_gpt_chunks(cfg: Config, topo: Topology, vocab_size: int) -> List[GPTMo
     """Unwrapped GPTModel chunks of this rank, in virtual-stage order."""
     config = transformer_config(cfg, topo)
     spec = layer_spec(cfg)
+    if cfg.model.fused_swiglu:
+        config, spec = apply_fused_swiglu(config, spec)
+    model_class = FusedLossGPTModel if cfg.model.fused_loss else GPTModel
     padded = padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp)
     vpp = config.virtual_pipeline_model_parallel_size
     chunks = []
     for stage in range(vpp or 1):
         vp_stage = stage if vpp else None
-        model = GPTModel(
+        model = model_class(
             config=config,
             transformer_layer_spec=spec,
             vocab_size=padded,

@@ -45,12 +45,13 @@ class Kernels:
     chunk_cols: int
 
 
-# Tiles: cpp fits a fp32 tile in L2 (2 MiB); torch amortises Python overhead per tile;
-# cuda keeps GEMMs large enough to saturate the GPU (64M elements, 128 MiB in bf16).
+# Tiles: cpp fits a fp32 tile in L2 (2 MiB); torch's 4 MiB tile bounds its per-tile
+# temporaries while amortising Python overhead; cuda keeps GEMMs large enough to fill the GPU
+# (64M elements, 128 MiB in bf16).
 _KERNELS = {
     "cuda": Kernels("cuda", _cuda, 4096, 16384) if _cuda is not None else None,
     "cpp": Kernels("cpp", _cpp, 512, 1024) if _cpp is not None else None,
-    "torch": Kernels("torch", reference, 2048, 4096),
+    "torch": Kernels("torch", reference, 1024, 1024),
 }
 _forced: str | None = None
 

@@ -44,7 +44,7 @@ def _check_config(config) -> None:
         (config.activation_func is F.silu, "activation_func must be F.silu"),
         (config.glu_linear_offset == 0.0, "glu_linear_offset must be 0"),
         (config.activation_func_clamp_value is None, "activation_func_clamp_value must be None"),
-        (not config.num_experts, "num_experts must be unset (dense MLP only)"),
+        (not config.num_moe_experts, "num_moe_experts must be unset (dense MLP only)"),
         (not config.activation_func_fp8_input_store, "activation_func_fp8_input_store must be False"),
     ]
     broken = [rule for ok, rule in rules if not ok]

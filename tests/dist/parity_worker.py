@@ -45,7 +45,10 @@ def run_layouts(rank: int, world_size: int, out_dir: str, layouts: dict) -> None
             if rank == 0:
                 torch.save(full, init_path)
             dist.barrier()
-        record = {"loss": [], "grads": [], "weights": []}
+        chunk = trainer.model[0].module
+        record = {"loss": [], "grads": [], "weights": [], "model_class": type(chunk).__name__,
+                  "swiglu_modules": sum(type(m).__name__ == "SwiGLUActivation"
+                                        for m in chunk.modules())}
         for _ in range(STEPS):
             grads = []
             if not cfg.parallel.use_distributed_optimizer:  # else grads are reduce-scattered
