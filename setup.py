@@ -90,7 +90,11 @@ setup(
         "numpy",
         "tqdm",
         "pyyaml",
+        "psutil",  # megatron dist_checkpointing's writer processes
+        "tokenizers",  # HF tokenizer.json files (data.tokenizer=PATH)
+        "matplotlib",  # trace-fidelity report histograms
     ],
+    package_data={"launch": ["templates/*"]},
     extras_require={"test": ["pytest"], "gpu": ["transformer-engine", "flash-attn"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

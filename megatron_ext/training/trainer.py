@@ -236,6 +236,9 @@ class Trainer:
         if self.topo.rank == 0 and mode != "none":
             if mode == "auto":
                 chosen[0] = checkpoint.find_resumable(self.ckpt_root, self._log)
+                if chosen[0] is None and checkpoint.list_checkpoints(self.ckpt_root):
+                    chosen[0] = (f"error: train.resume=auto found checkpoints in "
+                                 f"{self.ckpt_root} but none is usable (see above)")
             else:
                 problem = checkpoint.verify(mode)
                 if problem is not None:
@@ -244,13 +247,15 @@ class Trainer:
                     chosen[0] = mode
         dist.broadcast_object_list(chosen, src=0, group=dist.group.WORLD)
         if chosen[0] is not None and chosen[0].startswith("error: "):
-            raise checkpoint.CheckpointError(chosen[0][len("error: "):] +
-                                             "; give a complete checkpoint or train.resume=auto")
+            raise checkpoint.CheckpointError(
+                chosen[0][len("error: "):] + "; give a complete checkpoint as train.resume=PATH, "
+                "or train.resume=none to start over")
         return chosen[0]
 
     def resume(self) -> None:
         path = self._resume_path()
         if path is None:
+            self.metrics.truncate_after(self.step)  # a restart before the first checkpoint
             return
         checkpoint.load(self, path, self._log)
         self.metrics.truncate_after(self.step)
