@@ -37,6 +37,10 @@ class SwiGLUActivation(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return swiglu(x)
 
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """No parameters, nothing to save; megatron's MLP asks every child for its part."""
+        return {}
+
 
 def _check_config(config) -> None:
     rules = [
@@ -45,7 +49,8 @@ def _check_config(config) -> None:
         (config.glu_linear_offset == 0.0, "glu_linear_offset must be 0"),
         (config.activation_func_clamp_value is None, "activation_func_clamp_value must be None"),
         (not config.num_moe_experts, "num_moe_experts must be unset (dense MLP only)"),
-        (not config.activation_func_fp8_input_store, "activation_func_fp8_input_store must be False"),
+        (not config.activation_func_fp8_input_store,
+         "activation_func_fp8_input_store must be False"),
     ]
     broken = [rule for ok, rule in rules if not ok]
     if broken:

@@ -35,7 +35,7 @@ def _entry(rank: int, fn, world_size: int, port: int, timeout_s: float, args: tu
         dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args, timeout_s: float = 120.0) -> None:
+def run_distributed(fn, world_size: int, *args, timeout_s: float = 300.0) -> None:
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo processes.
 
     ``fn`` must be importable (a module-level function). The world process group is
