@@ -23,7 +23,8 @@ from megatron_ext.memory.compare import compare
 from megatron_ext.memory.measure import measure_layouts
 from tests.dist._spawn import run_distributed
 
-BASE = ["logging=none", "model=tiny", "data.num_samples=2000", "train.steps=1",
+BASE = ["logging=none", "model.fused_loss=false", "model.fused_swiglu=false", "model=tiny",
+        "data.num_samples=2000", "train.steps=1",
         "train.warmup_steps=0"]
 # Wider than tiny: 8 heads of 32 with 2 KV groups (GQA) or 8 (MHA), ffn 512.
 WIDE = ["model.hidden_size=256", "model.num_attention_heads=8", "model.num_query_groups=2",

@@ -14,10 +14,6 @@ from megatron_ext.memory.schedule import in_flight, profile, recompute
 from megatron_ext.memory.static import StaticBytes, static_bytes
 from parallel.topology import ParallelDims
 
-# What megatron_ext.models.gpt wires today. The config flags ask for these kernels, but the
-# builder does not use them yet, so by default the plan follows what really runs.
-WIRED = {"fused_loss": False, "fused_swiglu": False}
-
 
 class PlanError(ValueError):
     """A config the planner cannot model; the message names the value, the rule and the fix."""
@@ -75,7 +71,7 @@ def _options(cfg: Config, attention: str, spec: str, fused_loss: Optional[bool],
                         "parallelism runs ring attention; pass --attention auto (or ring)")
 
     def wired(asked: bool, flag: str, override: Optional[bool]) -> bool:
-        return asked and WIRED[flag] if override is None else override
+        return asked if override is None else override
 
     return Options(
         attention=attention, te_spec=spec == "te",
@@ -120,9 +116,6 @@ def _notes(cfg: Config) -> List[str]:
                      f"model.num_query_groups={m.num_query_groups}: megatron's grouped-query "
                      "attention (and validate()) refuse this shape; the bytes are planned as "
                      "if it ran. Make the heads a multiple of the KV groups to train it")
-    if cfg.parallel.cp > 1:
-        notes.append(f"parallel.cp={cfg.parallel.cp}: validate() refuses context parallelism "
-                     "until ring attention is wired into the model; planned with ring attention")
     return notes
 
 

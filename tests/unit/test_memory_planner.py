@@ -100,8 +100,9 @@ def test_distributed_optimizer_shards_moments_and_masters_over_dp():
 def test_fused_loss_drops_the_logits():
     base = ["model=small", "train.seq_len=2048", "train.micro_batch_size=1",
             "train.global_batch_size=1"]
-    cfg = compose_config(base)
-    assert plan(cfg).options.fused_loss is False  # asked for by the config, not wired yet
+    cfg = compose_config(base + ["model.fused_loss=false"])
+    assert plan(cfg).options.fused_loss is False
+    assert plan(compose_config(base)).options.fused_loss is True  # the model's default
 
     def edge(result):
         return next(t.bytes for t in result.ranks[0].terms if "logits" in t.name)
