@@ -278,7 +278,7 @@ def runtime_errors(saved, tmp_path_factory):
 RUNTIME_EXPECTED = {
     "corrupt checkpoint": ["CheckpointError: train.resume='{path}' is unusable: file __0_",
                            ".distcp fails its sha256 check",
-                           "give a complete checkpoint or train.resume=auto"],
+                           "give a complete checkpoint as train.resume=PATH, or train.resume=none to start over"],
     "unfinished checkpoint": ["CheckpointError: train.resume='{path}' is unusable: no "
                               "manifest.json (the save did not finish)"],
     "hostile .metadata pickle": ["CheckpointError: train.resume='{path}' is unusable: file "
