@@ -12,7 +12,7 @@ fi
 out="$(mktemp -d)"
 trap 'rm -rf "$out"' EXIT
 for src in "$here"/*.cu; do
-  "$nvcc" -gencode=arch=compute_90,code=sm_90 -std=c++17 -O3 -Werror all-warnings -Xcompiler -Wall -I"$here" \
-    -c "$src" -o "$out/$(basename "$src").o"
+  "$nvcc" -gencode=arch=compute_90,code=sm_90 -std=c++17 -O3 -Werror all-warnings \
+    -Xcompiler -Wall -I"$here" -c "$src" -o "$out/$(basename "$src").o"
   echo "check_cuda: OK $(basename "$src")"
 done

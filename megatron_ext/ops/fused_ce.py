@@ -117,10 +117,12 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
     loss: shards combine their log-sum-exp and target logit with two all-reduces over tp_group
     (labels must be the same on every rank of the group, as megatron broadcasts them).
 
-    Gradients flow to hidden and weight. hidden is expected to be what megatron's
-    ColumnParallelLinear sees (the input copied to the TP region), so d_hidden is the sum over
-    vocab shards: the backward all-reduces it over tp_group itself, making the function
-    self-contained. Do not also all-reduce it outside.
+    Gradients flow to hidden and weight. hidden is the input megatron's output layer
+    (ColumnParallelLinear) receives, identical on every rank of tp_group. Its gradient is the sum
+    over vocab shards, and the backward all-reduces d_hidden over tp_group itself, so the function
+    is self-contained: do not also wrap hidden in copy_to_tensor_model_parallel_region (whose
+    backward is that same all-reduce). Sequence parallelism is not supported: there hidden
+    comes from an all-gather whose backward already sums over ranks.
 
     reduction: "mean" over tokens whose label is not ignore_index (NaN when there are none, as
     in F.cross_entropy), "sum", or "none" ([n], 0 where ignored). The loss is fp32 (fp64 for

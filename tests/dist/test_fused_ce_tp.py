@@ -35,7 +35,9 @@ def _check_all(rank, world_size):
             labels[torch.rand(n, generator=gen) < 0.25] = -100
             shard = slice(rank * v_local, (rank + 1) * v_local)
             for reduction in ("mean", "sum", "none"):
-                grad_out = torch.rand(n, generator=gen) if reduction == "none" else torch.tensor(1.3)
+                grad_out = torch.tensor(1.3)
+                if reduction == "none":
+                    grad_out = torch.rand(n, generator=gen)
                 h_ref = hidden.clone().requires_grad_()
                 w_ref = weight.clone().requires_grad_()
                 ref = F.cross_entropy(h_ref @ w_ref.t(), labels, reduction=reduction)
