@@ -217,6 +217,13 @@ def _sharded_state(trainer, is_loading: bool) -> Dict:
     return state
 
 
+def _layout(topo) -> Dict:
+    """The parallel layout a checkpoint was written under; a change means resharding."""
+    d = topo.dims
+    return {"world_size": d.world_size, "tp": d.tp, "pp": d.pp, "cp": d.cp, "vpp": d.vpp,
+            "dp": d.dp}
+
+
 def _shape(trainer) -> Dict:
     """The model shape a checkpoint must match; the padded vocab depends on tp, so a TP change
     that alters it is caught here rather than as a tensor-shape error inside the load."""
@@ -243,10 +250,7 @@ def save(trainer, root: str, tag: Optional[str] = None, keep: int = 3) -> str:
     torch.save(_rng_state(), os.path.join(tmp, "rank_state", f"{topo.rank:05d}.pt"))
     if topo.rank == 0:
         state = trainer.train_state()
-        state.update(shape=_shape(trainer),
-                     layout={"world_size": topo.dims.world_size, "tp": topo.dims.tp,
-                             "pp": topo.dims.pp, "cp": topo.dims.cp, "vpp": topo.dims.vpp,
-                             "dp": topo.dims.dp})
+        state.update(shape=_shape(trainer), layout=_layout(topo))
         _atomic_write(os.path.join(tmp, TRAIN_STATE), json.dumps(state, indent=1))
     dist.barrier(group=dist.group.WORLD)
     if topo.rank == 0:
@@ -280,8 +284,7 @@ def load(trainer, path: str, log: Callable[[str], None]) -> Dict:
         chunk.load_state_dict(loaded["model" if len(chunks) == 1 else f"model{i}"])
     trainer.optimizer.load_state_dict(loaded["optimizer"])
     saved = state["layout"]
-    now = {"world_size": topo.dims.world_size, "tp": topo.dims.tp, "pp": topo.dims.pp,
-           "cp": topo.dims.cp, "vpp": topo.dims.vpp, "dp": topo.dims.dp}
+    now = _layout(topo)
     rank_file = os.path.join(path, "rank_state", f"{topo.rank:05d}.pt")
     if saved == now:
         _set_rng_state(torch.load(rank_file, weights_only=True))
