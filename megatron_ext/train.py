@@ -1,4 +1,4 @@
-"""`python -m megatron_ext.train [hydra overrides]`: pretraining and SFT chosen by the config.
+"""`python -m megatron_ext.train [hydra overrides]`: pretraining, SFT and RL chosen by the config.
 
 Started once per process by `python -m launch local|slurm`, torchrun or srun. The config is
 composed and validated before any process group exists; the run directory is printed first."""
@@ -87,7 +87,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"layout: world {dims.world_size} = tp {dims.tp} x pp {dims.pp} x cp {dims.cp} x "
               f"dp {dims.dp}{f' (vpp {dims.vpp})' if dims.vpp else ''} on "
               f"{topo.device.type}", flush=True)
-    from megatron_ext.training.trainer import Trainer  # after the CPU bridge is installed
+    if cfg.stage == "rl":  # imported after the CPU bridge is installed
+        from megatron_ext.rl.trainer import RLTrainer as Trainer
+    else:
+        from megatron_ext.training.trainer import Trainer
     try:
         cfg, gate = apply_fidelity_gate(cfg, topo, run_dir)
         trainer = Trainer(cfg, topo, run_dir)

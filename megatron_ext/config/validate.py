@@ -6,6 +6,7 @@ import os
 
 from parallel.topology import LayoutError, ParallelDims
 from megatron_ext.config.schema import Config
+from megatron_ext.rl.config import check_rl_config
 
 
 class ConfigError(ValueError):
@@ -73,6 +74,25 @@ def _get(cfg: Config, dotted: str):
     return value
 
 
+def _check_rl(cfg: Config) -> None:
+    """stage=rl: the rl section's own rules, a starting checkpoint and a verifiable task."""
+    try:
+        check_rl_config(cfg.rl)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    path = cfg.rl.init_checkpoint
+    if not path or not os.path.isdir(path):
+        raise ConfigError(f"rl.init_checkpoint={path!r} is not a checkpoint folder; stage=rl "
+                          "starts from an SFT run's weights: give rl.init_checkpoint="
+                          "<sft run>/checkpoints/step_N")
+    if cfg.data.source != "task":
+        raise ConfigError(f"data.source={cfg.data.source!r}: stage=rl needs prompts with a "
+                          "verifiable answer; use data=task")
+    if cfg.parallel.cp > 1:
+        raise ConfigError(f"parallel.cp={cfg.parallel.cp}: stage=rl generates one token per "
+                          "step, which context parallelism cannot split; set parallel.cp=1")
+
+
 def validate(cfg: Config, world_size: int, *, have_fused_norms: bool = False) -> ParallelDims:
     """Raise ConfigError (or LayoutError) for the first broken rule; return the layout."""
     for key, known in _unknown_keys(cfg):
@@ -107,8 +127,7 @@ def validate(cfg: Config, world_size: int, *, have_fused_norms: bool = False) ->
         raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0 (got lr={t.lr}, "
                           f"min_lr={t.min_lr}); change train.lr or train.min_lr")
     if cfg.stage == "rl":
-        raise ConfigError("stage=rl (GRPO/PPO) is not implemented yet; use stage=pretrain or "
-                          "stage=sft")
+        _check_rl(cfg)
     if t.resume not in ("auto", "none") and not os.path.isdir(t.resume):
         raise ConfigError(f"train.resume={t.resume!r} is neither auto, none nor a checkpoint "
                           "folder; give a checkpoints/step_N path")

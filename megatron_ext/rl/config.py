@@ -18,6 +18,7 @@ class RewardSpec:
 
 @dataclass
 class RLConfig:
+    init_checkpoint: Optional[str] = None  # SFT checkpoint (<run>/checkpoints/step_N) to start from
     # algorithm and sampling
     algorithm: str = "grpo"  # grpo (group baseline, no critic) | ppo (critic + GAE)
     group_size: int = 8  # responses sampled per prompt (GRPO needs >= 2)
@@ -78,6 +79,13 @@ def check_rl_config(rl: RLConfig) -> None:
     if rl.group_size < (2 if rl.algorithm == "grpo" else 1):
         raise ValueError(f"rl.group_size={rl.group_size} gives GRPO no baseline; use >= 2 "
                          "or rl.algorithm=ppo")
+    if rl.group_size % rl.mini_batches:
+        raise ValueError(f"rl.mini_batches={rl.mini_batches} does not divide rl.group_size="
+                         f"{rl.group_size}; a filtered batch holds whole groups, so make "
+                         "mini_batches a divisor of group_size")
+    if rl.temperature == 0 and rl.algorithm == "grpo":
+        raise ValueError("rl.temperature=0 samples every response of a group alike, so GRPO "
+                         "sees no reward differences; use a temperature > 0 (e.g. 1.0)")
     if rl.max_staleness is not None and rl.max_staleness < 0:
         raise ValueError(f"rl.max_staleness={rl.max_staleness} must be >= 0 or null (no limit)")
     for key in ("eval_interval", "temperature", "entropy_coef", "kl_coef",

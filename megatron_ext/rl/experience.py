@@ -1,0 +1,106 @@
+"""Experience for one RL step: draw prompts, sample a group of responses per prompt, score them,
+and keep the groups whose pass rate lies in the difficulty band (refilling the batch).
+
+Every rank of a pipeline (its TP and PP ranks) runs this with the same seeds and gets the same
+groups, because `generate` hands every rank the same tokens; DP ranks draw different prompts."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from megatron_ext.rl.filtering import FillResult, PassRateHistory, fill_batch
+from megatron_ext.rl.rewards import CombinedReward, task_correct
+from megatron_ext.rl.rollout import SamplingParams, generate
+
+
+@dataclasses.dataclass
+class Group:
+    """`group_size` responses to one prompt; `[G, L]` tensors as `Rollout` gives them."""
+
+    prompt_index: int  # index into the prompt pool
+    tokens: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    rewards: torch.Tensor  # [G] fp32: the configured (weighted) reward
+    correct: torch.Tensor  # [G] fp32: the task verifier (task_correct); the pass rate's source
+    response_lens: torch.Tensor  # [G]
+    truncated: int  # responses cut at max_new_tokens
+
+
+class PromptPool:
+    """The task's training problems as token ids, drawn without replacement within a step with
+    PassRateHistory's weights (prompts outside the band come back rarely)."""
+
+    def __init__(self, problems: Sequence, tokenizer):
+        self.problems = list(problems)
+        bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+        self.prompts = [bos + tokenizer.encode(p.prompt) for p in self.problems]
+
+    def __len__(self) -> int:
+        return len(self.problems)
+
+    def draw(self, n: int, history: PassRateHistory, generator: torch.Generator) -> List[int]:
+        weights = history.sampling_weights(range(len(self)))
+        return torch.multinomial(weights, min(n, len(self)), replacement=False,
+                                 generator=generator).tolist()
+
+
+def sample_groups(model, pool: PromptPool, indices: Sequence[int], *, group_size: int,
+                  params: SamplingParams, reward: CombinedReward, tokenizer, vocab_size: int,
+                  generator: torch.Generator, tp_group, pp_group) -> List[Tuple[Group, float]]:
+    """One rollout batch: `group_size` samples for each prompt index, with its pass rate (the
+    share of samples the verifier accepts)."""
+    prompts = [pool.prompts[i] for i in indices for _ in range(group_size)]
+    problems = [pool.problems[i] for i in indices for _ in range(group_size)]
+    out = generate(model, prompts, tokenizer, params, vocab_size=vocab_size,
+                   generator=generator, tp_group=tp_group, pp_group=pp_group)
+    total, _ = reward.score(out.texts, problems)
+    correct = torch.tensor([task_correct(t, p) for t, p in zip(out.texts, problems)])
+    groups = []
+    for g, index in enumerate(indices):
+        rows = slice(g * group_size, (g + 1) * group_size)
+        group = Group(index, out.tokens[rows], out.response_mask[rows], out.logprobs[rows],
+                      total[rows], correct[rows], out.response_lens[rows],
+                      sum(r == "length" for r in out.finish_reasons[rows]))
+        groups.append((group, float(group.correct.mean())))
+    return groups
+
+
+def collect(model, pool: PromptPool, history: PassRateHistory, *, rl, params: SamplingParams,
+            reward: CombinedReward, tokenizer, vocab_size: int, seed: int,
+            tp_group, pp_group) -> Tuple[FillResult, List[Group]]:
+    """Fill one step's batch: `rl.prompts_per_step` groups in [rl.band_low, rl.band_high], in
+    at most `rl.max_refill_rounds` rollout rounds. Returns fill_batch's result (kept groups and
+    counters) and every sampled group (for the reward and length statistics)."""
+    generator = torch.Generator().manual_seed(seed)
+    candidates = pool.draw(rl.prompts_per_step * rl.max_refill_rounds, history, generator)
+    sampled: List[Group] = []
+
+    def sample(indices: List[int]):
+        groups = sample_groups(model, pool, indices, group_size=rl.group_size, params=params,
+                               reward=reward, tokenizer=tokenizer, vocab_size=vocab_size,
+                               generator=generator, tp_group=tp_group, pp_group=pp_group)
+        sampled.extend(g for g, _ in groups)
+        return groups
+
+    result = fill_batch(sample, candidates, rl.prompts_per_step, (rl.band_low, rl.band_high),
+                        rl.max_refill_rounds)
+    return result, sampled
+
+
+def rollout_stats(result: FillResult, sampled: List[Group]) -> Dict[str, float]:
+    """Sums and counts (to be added over DP ranks) describing what was sampled and kept."""
+    rewards = torch.cat([g.rewards for g in sampled])
+    lens = torch.cat([g.response_lens for g in sampled]).float()
+    return {"groups_sampled": float(len(sampled)), "groups_kept": float(result.kept),
+            "dropped_too_easy": float(result.dropped_too_easy),
+            "dropped_too_hard": float(result.dropped_too_hard),
+            "refill_rounds": float(result.rounds), "samples": float(rewards.numel()),
+            "reward_sum": float(rewards.sum()), "reward_sq_sum": float((rewards ** 2).sum()),
+            "correct_sum": float(torch.cat([g.correct for g in sampled]).sum()),
+            "zero_adv_sampled": float(sum(bool(g.rewards.max() == g.rewards.min())
+                                          for g in sampled)),
+            "response_len_sum": float(lens.sum()),
+            "truncated": float(sum(g.truncated for g in sampled))}
