@@ -179,11 +179,17 @@ def initialize(dims: ParallelDims, *, seed: int, timeout_s: int = 600) -> Topolo
         backend, device = "nccl", torch.device("cuda", torch.cuda.current_device())
     else:
         backend, device = "gloo", torch.device("cpu")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if world_size == 1 and "MASTER_PORT" not in os.environ:
+            # one process needs no rendezvous: an in-process store, so that two single-process
+            # runs on one machine do not fight over a port
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     ps.initialize_model_parallel(
         tensor_model_parallel_size=dims.tp,
         pipeline_model_parallel_size=dims.pp,

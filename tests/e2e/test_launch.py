@@ -35,3 +35,28 @@ def test_bad_data_path_ends_the_run_with_a_named_error(tmp_path):
     assert proc.returncode != 0
     assert f"data file '{tmp_path}/missing.jsonl' does not exist" in proc.stderr
     assert "launch: rank" in proc.stderr
+
+
+def test_single_process_runs_need_no_port(tmp_path):
+    """Without MASTER_PORT a one-process run rendezvous in-process: two such runs on one
+    machine (here: one while port 29500, the default, is taken) do not collide."""
+    import os
+    import socket
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MASTER_PORT", "MASTER_ADDR", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            busy.bind(("127.0.0.1", 29500))
+            busy.listen()
+        except OSError:
+            pass  # already taken by someone else: the run must still start
+        proc = subprocess.run(
+            [sys.executable, "-m", "megatron_ext.train", "model=tiny", "logging=none",
+             "train.steps=1", "train.seq_len=32", "train.micro_batch_size=2",
+             "train.global_batch_size=2", "train.eval_samples=2", "train.save_interval=0",
+             f"run.dir={tmp_path}/run"],
+            capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.exists(f"{tmp_path}/run/metrics.jsonl")
