@@ -63,6 +63,7 @@ class TrainConfig:
     eval_samples: int = 64  # held-out problems per eval
     save_interval: int = 0  # steps between checkpoints (0: none)
     keep_checkpoints: int = 3  # newest checkpoints kept (the last good one is never deleted)
+    async_save: bool = False  # write step checkpoints in a forked process while training goes on
     resume: str = "auto"  # auto (latest good checkpoint of run.dir) | none | PATH
     max_bad_steps: int = 3  # NaN/Inf steps in a row before saving a bad-state checkpoint and stopping
     recompute: str = "none"  # none | selective | full

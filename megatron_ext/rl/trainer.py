@@ -129,11 +129,12 @@ class RLTrainer(Trainer):
     def _critic_path(self, policy_path: str) -> str:
         return os.path.join(os.path.dirname(policy_path), "critic", os.path.basename(policy_path))
 
-    def save(self, tag: Optional[str] = None) -> str:
-        if self.critic is not None:
+    def save(self, tag: Optional[str] = None, background: bool = False) -> str:
+        if self.critic is not None:  # before the policy's, which moves `latest`
+            self.finish_saves()
             checkpoint.save(_CriticCheckpoint(self), os.path.join(self.ckpt_root, "critic"),
                             tag=tag, keep=self.cfg.train.keep_checkpoints)
-        return super().save(tag)
+        return super().save(tag, background)
 
     def _load(self, path: str) -> None:
         """Policy, optimizer and RL state from one of this run's checkpoints (critic too)."""

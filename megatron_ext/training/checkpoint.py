@@ -232,9 +232,15 @@ def _shape(trainer) -> Dict:
                     "padded_vocab_size": getattr(trainer.model[0], "module", trainer.model[0]).vocab_size}
 
 
-def save(trainer, root: str, tag: Optional[str] = None, keep: int = 3) -> str:
+def save(trainer, root: str, tag: Optional[str] = None, keep: int = 3,
+         background=None, on_commit: Optional[Callable[[str], None]] = None) -> str:
     """Write a checkpoint of the trainer's current state; returns its final path. With `tag`
-    (e.g. "bad-state") it is written beside the regular ones and `latest` does not move."""
+    (e.g. "bad-state") it is written beside the regular ones and `latest` does not move.
+
+    With `background` (megatron's AsyncCallsQueue) the sharded tensors are written by a forked
+    process, whose copy-on-write view of memory is the state at this step, and the call returns
+    once the small files are written; the commit (manifest, rename, `latest`, `on_commit`)
+    runs when the queue finalizes the write on every rank. Until then nothing points at it."""
     from megatron.core import dist_checkpointing
     topo, step = trainer.topo, trainer.step
     name = step_dir_name(step) if tag is None else f"{tag}_{step:08d}"
@@ -245,15 +251,34 @@ def save(trainer, root: str, tag: Optional[str] = None, keep: int = 3) -> str:
         os.makedirs(tmp)
     dist.barrier(group=dist.group.WORLD)
     with _children_shielded():
-        dist_checkpointing.save(_sharded_state(trainer, is_loading=False), tmp)
+        request = dist_checkpointing.save(_sharded_state(trainer, is_loading=False), tmp,
+                                          async_sharded_save=background is not None)
     os.makedirs(os.path.join(tmp, "rank_state"), exist_ok=True)
     torch.save(_rng_state(), os.path.join(tmp, "rank_state", f"{topo.rank:05d}.pt"))
     if topo.rank == 0:
         state = trainer.train_state()
         state.update(shape=_shape(trainer), layout=_layout(topo))
         _atomic_write(os.path.join(tmp, TRAIN_STATE), json.dumps(state, indent=1))
+
+    def commit() -> None:
+        _commit(topo.rank, root, tmp, final, name, tag, keep)
+        if on_commit is not None:
+            on_commit(final)
+
+    if background is None:
+        commit()
+    else:
+        request.add_finalize_fn(commit)  # after megatron's own (its metadata, a barrier)
+        with _children_shielded():  # the writer process ignores SLURM's signals
+            background.schedule_async_request(request)
+    return final
+
+
+def _commit(rank: int, root: str, tmp: str, final: str, name: str, tag: Optional[str],
+            keep: int) -> None:
+    """Every rank's files are in `tmp`: verify-able manifest, rename, then move `latest`."""
     dist.barrier(group=dist.group.WORLD)
-    if topo.rank == 0:
+    if rank == 0:
         _fsync_tree(tmp)
         write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)
@@ -264,7 +289,6 @@ def save(trainer, root: str, tag: Optional[str] = None, keep: int = 3) -> str:
             for _, old in list_checkpoints(root)[max(keep, 1):]:
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier(group=dist.group.WORLD)
-    return final
 
 
 def load(trainer, path: str, log: Callable[[str], None]) -> Dict:

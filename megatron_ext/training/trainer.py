@@ -105,6 +105,10 @@ class Trainer:
         self.skipped_steps = 0  # non-finite steps skipped in total
         self.bad_in_a_row = 0
         self.ckpt_root = os.path.join(run_dir, "checkpoints")
+        self.background_saves = None  # train.async_save: megatron's queue of in-flight writes
+        if cfg.train.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+            self.background_saves = AsyncCallsQueue()
         is_log = topo.is_logging_rank
         self.metrics = MetricsWriter(run_dir, is_log)
         self.logger = build_logger(cfg, run_dir, is_log)
@@ -262,14 +266,29 @@ class Trainer:
         self._log(f"resumed from {path} at step {self.step} "
                   f"({self.sampler.consumed_samples} samples consumed)")
 
-    def save(self, tag: Optional[str] = None) -> str:
-        path = checkpoint.save(self, self.ckpt_root, tag=tag, keep=self.cfg.train.keep_checkpoints)
-        self._log(f"saved checkpoint {path}")
+    def save(self, tag: Optional[str] = None, background: bool = False) -> str:
+        """Save now; with background=True and train.async_save a step checkpoint returns once
+        the writer process has the state, and is committed (and logged) when it is done.
+        Tagged checkpoints (bad-state, best) are always written before this returns."""
+        self.finish_saves()  # one save in flight at a time
+        queue = self.background_saves if background and tag is None else None
+        path = checkpoint.save(self, self.ckpt_root, tag=tag, keep=self.cfg.train.keep_checkpoints,
+                               background=queue,
+                               on_commit=lambda done: self._log(f"saved checkpoint {done}"))
+        if queue is not None:
+            self._log(f"saving checkpoint {path} in the background")
         return path
+
+    def finish_saves(self, wait: bool = True) -> None:
+        """Commit the background saves that are done (all of them, waiting, with `wait`); on
+        every rank at the same point, as it synchronises them."""
+        if self.background_saves is not None:
+            self.background_saves.maybe_finalize_async_calls(blocking=wait)
 
     def _stop_for_preemption(self, signum: int, last_save: int) -> None:
         """USR1 (SLURM's warning before preemption or the time limit): save and exit with the
         code the sbatch script requeues on. SIGTERM (scancel, node failure): save and fail."""
+        self.finish_saves()
         if last_save != self.step:
             self.save()
         self.logger.finish()
@@ -302,8 +321,9 @@ class Trainer:
                         f"up to step {self.step}; the state is saved in {path} for inspection. "
                         "Lower train.lr, check the data, or resume from the last good "
                         "checkpoint")
+            self.finish_saves(wait=False)
             if t.save_interval and self.step % t.save_interval == 0:
-                self.save()
+                self.save(background=True)
                 last_save = self.step
             signum = self.preemption.signal_anywhere(dist.group.WORLD)
             if signum:
@@ -312,6 +332,7 @@ class Trainer:
                 last_eval = self._log_eval()
         if t.save_interval and last_save != self.step:
             self.save()
+        self.finish_saves()
         if self.eval_rows is not None and (last_eval is None or last_eval["step"] != self.step):
             last_eval = self._log_eval()
         self.logger.finish()

@@ -48,9 +48,9 @@ def reference(tmp_path_factory):
     return run_dir
 
 
-def _kill_at(run_dir, step):
+def _kill_at(run_dir, step, extra=()):
     """Start the run and SIGKILL every process of it once step `step` is logged."""
-    proc = subprocess.Popen(_cmd(run_dir), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(run_dir, extra=extra), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, start_new_session=True)
     for line in proc.stdout:
         if line.startswith(f"step {step:>5}/"):
@@ -106,6 +106,19 @@ def test_resume_on_another_layout(reference, tmp_path, nproc, extra, layout):
     assert [g[0] for g in got] == [5, 6, 7, 8]
     for (_, loss, gnorm, lr), (_, rloss, rgnorm, rlr) in zip(got, want):
         assert abs(loss - rloss) < 1e-5 and abs(gnorm - rgnorm) < 1e-4 and lr == rlr
+
+
+def test_async_saves_resume_bit_exact_after_sigkill(reference, tmp_path):
+    """train.async_save: checkpoints written in the background, the run killed right after a
+    save was started (step 5: the one of step 4 may still be in flight) and resumed, also in
+    the background, end identical to the reference's synchronous saves."""
+    run_dir = str(tmp_path / "run")
+    _kill_at(run_dir, 5, extra=["train.async_save=true"])
+    out = _run(run_dir, extra=["train.async_save=true"])
+    assert "resumed from" in out and "in the background" in out
+    assert _metrics(run_dir) == _metrics(reference)
+    got, want = _state(run_dir, STEPS, tmp_path), _state(reference, STEPS, tmp_path)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_usr1_saves_exits_for_requeue_and_resumes_exactly(reference, tmp_path):
