@@ -6,6 +6,7 @@
 #include <limits>
 #include <mutex>
 
+#include "fused_ce_common.h"
 #include "ops_cpu.h"
 
 namespace mext {
@@ -16,30 +17,7 @@ at::ScalarType acc_type(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-void check_args(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target,
-                int64_t block_rows, int64_t chunk_cols) {
-  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
-              "hidden [n, h] and weight [v, h] must share h; got hidden ", hidden.sizes(),
-              " and weight ", weight.sizes());
-  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(),
-              "hidden and weight must share a dtype; got ", hidden.scalar_type(), " and ",
-              weight.scalar_type());
-  TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 &&
-                  target.size(0) == hidden.size(0),
-              "target must be int64 [", hidden.size(0), "]; got ", target.scalar_type(), " ",
-              target.sizes());
-  TORCH_CHECK(block_rows > 0 && chunk_cols > 0,
-              "block_rows and chunk_cols must be positive; got ", block_rows, " and ",
-              chunk_cols);
-}
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// logits = hb @ wc^T written into the front of buf (no allocation per tile).
-at::Tensor tile_logits(at::Tensor& buf, const at::Tensor& hb, const at::Tensor& wc) {
-  auto out = buf.narrow(0, 0, hb.size(0) * wc.size(0)).view({hb.size(0), wc.size(0)});
-  return at::mm_out(out, hb, wc.t());
-}
 
 // out[i] += logits[i, target[i] - c0] for the rows whose target falls in this chunk.
 void add_target_logit(const at::Tensor& logits, const at::Tensor& target, int64_t c0,
@@ -76,7 +54,7 @@ void sub_onehot(at::Tensor& grad, const at::Tensor& target, int64_t c0,
 std::vector<at::Tensor> ce_forward(const at::Tensor& hidden_in, const at::Tensor& weight_in,
                                    const at::Tensor& target_in, int64_t block_rows,
                                    int64_t chunk_cols) {
-  check_args(hidden_in, weight_in, target_in, block_rows, chunk_cols);
+  check_ce_args(hidden_in, weight_in, target_in, block_rows, chunk_cols);
   // Detached: autograd happens in Python; the worker threads must not record (or reject) ops.
   const auto hidden = hidden_in.detach().contiguous();
   const auto weight = weight_in.detach().contiguous();
@@ -122,7 +100,7 @@ std::vector<at::Tensor> ce_backward(const at::Tensor& hidden_in, const at::Tenso
                                     const at::Tensor& target_in, const at::Tensor& lse_in,
                                     const at::Tensor& grad_scale_in, int64_t block_rows,
                                     int64_t chunk_cols) {
-  check_args(hidden_in, weight_in, target_in, block_rows, chunk_cols);
+  check_ce_args(hidden_in, weight_in, target_in, block_rows, chunk_cols);
   const int64_t n = hidden_in.size(0), h = hidden_in.size(1), v = weight_in.size(0);
   TORCH_CHECK(lse_in.dim() == 1 && lse_in.size(0) == n && grad_scale_in.dim() == 1 &&
                   grad_scale_in.size(0) == n,

@@ -7,6 +7,7 @@
 
 #include <limits>
 
+#include "fused_ce_common.h"
 #include "mext_cuda.h"
 
 namespace {
@@ -35,26 +36,10 @@ void check_args(const at::Tensor& hidden, const at::Tensor& weight, const at::Te
                   target.device() == hidden.device(),
               "hidden, weight and target must be on one CUDA device; got ", hidden.device(),
               ", ", weight.device(), ", ", target.device());
-  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1),
-              "hidden [n, h] and weight [v, h] must share h; got hidden ", hidden.sizes(),
-              " and weight ", weight.sizes());
-  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(),
-              "hidden and weight must share a dtype; got ", hidden.scalar_type(), " and ",
-              weight.scalar_type());
-  TORCH_CHECK(target.scalar_type() == at::kLong && target.dim() == 1 &&
-                  target.size(0) == hidden.size(0),
-              "target must be int64 [", hidden.size(0), "]; got ", target.scalar_type(), " ",
-              target.sizes());
-  TORCH_CHECK(block_rows > 0 && chunk_cols > 0,
-              "block_rows and chunk_cols must be positive; got ", block_rows, " and ",
-              chunk_cols);
+  mext::check_ce_args(hidden, weight, target, block_rows, chunk_cols);
 }
 
-// [rows, cols] view on the front of a flat tile buffer, filled with hb @ wc^T by cuBLAS.
-at::Tensor tile_logits(at::Tensor& buf, const at::Tensor& hb, const at::Tensor& wc) {
-  auto out = buf.narrow(0, 0, hb.size(0) * wc.size(0)).view({hb.size(0), wc.size(0)});
-  return at::mm_out(out, hb, wc.t());
-}
+using mext::tile_logits;  // cuBLAS through ATen on CUDA tensors
 
 // acc (fp32) += a @ b. Half inputs multiply in their dtype (cuBLAS accumulates in fp32) and
 // the product is added to the fp32 accumulator, so sums over chunks and blocks stay fp32.
