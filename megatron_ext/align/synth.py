@@ -8,13 +8,13 @@ from megatron_ext.data.task import STYLES, ArithmeticTask, render
 
 
 def make_traces(n: int, style: str = "target", *, seed: int = 0, min_ops: int = 1, max_ops: int = 2,
-                split: str = "train", start: int = 0) -> List[dict]:
+                max_operand: int = 9, split: str = "train", start: int = 0) -> List[dict]:
     """n records {"prompt", "response", "answer", "style"}: the task's problems solved in `style`."""
     if n < 0:
         raise ValueError(f"n={n} must be >= 0")
     if style not in STYLES:
         raise ValueError(f"style={style!r} is not one of {STYLES}")
-    task = ArithmeticTask(seed=seed, min_ops=min_ops, max_ops=max_ops)
+    task = ArithmeticTask(seed=seed, min_ops=min_ops, max_ops=max_ops, max_operand=max_operand)
     return [{"prompt": p.prompt, "response": render(p, style), "answer": p.answer, "style": style}
             for p in task.take(n, split=split, start=start)]
 
