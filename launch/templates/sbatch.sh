@@ -32,6 +32,10 @@ echo "launch: job $SLURM_JOB_ID (restart $restarts) on $SLURM_JOB_NODELIST, $SLU
 # ones would cut their checkpoint writes short and turn the code into 143. A crashed rank's
 # peers fail at their next collective (after parallel.timeout_s at worst), ending the step.
 trap 'echo "launch: USR1: telling the tasks to stop"; kill -USR1 "$step" 2>/dev/null' USR1
+# scancel and `scontrol requeue` send SIGTERM to this shell as well as to the tasks. Dying of it
+# would end the batch step, and SLURM would then kill the tasks at once, in the middle of the
+# checkpoint they are writing; so wait for them (SLURM sends SIGKILL after KillWait anyway).
+trap 'echo "launch: TERM: waiting for the tasks to save and stop"' TERM
 srun @{srun_options} \
   @{command} &
 step=$!
