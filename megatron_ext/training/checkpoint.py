@@ -207,6 +207,28 @@ def _children_shielded():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _use_results_queue(background: bool) -> None:
+    """Where megatron's writers report their results. Its default is a queue served by a
+    spawned Manager process, made at the first save and kept; under SLURM a requeue or scancel
+    can end that process while the trainer lives on to save (seen in CI: BrokenPipeError in
+    the SIGTERM save). A synchronous save writes and collects in this process, so an
+    in-process queue serves it; a background save's writer is a forked process and keeps
+    megatron's Manager queue."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fsa
+    current = fsa._results_queue
+    if background:
+        fsa._results_queue = _MANAGER_QUEUE.get("queue")  # None: megatron makes one
+    else:
+        if current is not None and not isinstance(current, queue.Queue):
+            _MANAGER_QUEUE["queue"] = current  # kept for the next background save
+        fsa._results_queue = queue.Queue()
+
+
+_MANAGER_QUEUE: Dict = {}
+
+
 def _sharded_state(trainer, is_loading: bool) -> Dict:
     chunks = [getattr(c, "module", c) for c in trainer.model]
     model = ({"model": chunks[0].sharded_state_dict()} if len(chunks) == 1 else
@@ -250,6 +272,7 @@ def save(trainer, root: str, tag: Optional[str] = None, keep: int = 3,
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier(group=dist.group.WORLD)
+    _use_results_queue(background is not None)
     with _children_shielded():
         request = dist_checkpointing.save(_sharded_state(trainer, is_loading=False), tmp,
                                           async_sharded_save=background is not None)

@@ -74,7 +74,10 @@ def _check_resumed_run(env, job, state, run_dir, log, reference):
     assert "launch: job %s (restart 0)" % job in out and "launch: job %s (restart 1)" % job in out
     stopped = next((l for l in out.splitlines() if l.startswith("stopping at step")), None)
     first = out[:out.index("launch: job %s (restart 1)" % job)]
-    assert stopped, "the first run never said it stopped; its log:\n" + first[-4000:]
+    err = open(os.path.join(run_dir, f"slurm-{job}.err")).read()
+    assert stopped, ("the first run never said it stopped; its log:\n" + first[-3000:] +
+                     "\nstderr:\n" + "\n".join(l for l in err.splitlines() if "Warning" not in l
+                                                and "warnings.warn" not in l)[-6000:])
     step = int(stopped.split()[3])
     assert f"saved checkpoint {run_dir}/checkpoints/step_{step:08d}" in out
     assert f"resumed from {run_dir}/checkpoints/step_{step:08d} at step {step}" in out
