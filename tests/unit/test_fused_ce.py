@@ -14,21 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_ext.ops import available_backends, fused_linear_cross_entropy, set_backend
-
-CPU_BACKENDS = ["cpp", "torch"]
+from megatron_ext.ops import fused_linear_cross_entropy
+from tests.unit.conftest import CPU_BACKENDS
 REDUCTIONS = ["mean", "sum", "none"]
 # (n tokens, h, vocab, block_rows, chunk_cols): ragged last tiles, one tile, tiny tiles
 SHAPES = [(37, 16, 101, 8, 32), (130, 24, 517, 64, 128), (64, 8, 50, 64, 512), (5, 4, 3, 2, 2)]
-
-
-@pytest.fixture(params=CPU_BACKENDS)
-def backend(request):
-    if request.param not in available_backends():
-        pytest.skip(f"{request.param} backend not built here (available: {available_backends()})")
-    previous = set_backend(request.param)
-    yield request.param
-    set_backend(previous)
 
 
 def make_case(n, h, v, dtype=torch.float32, ignore_index=-100, seed=0):
@@ -184,11 +174,10 @@ def test_peak_memory_far_below_one_logits_tensor():
             f.write("5")
     except OSError as err:
         pytest.skip(f"cannot reset the peak RSS counter here ({err})")
-    backends = [b for b in CPU_BACKENDS if b in available_backends()]
-    out = subprocess.run([sys.executable, "-c", PEAK_PROBE, *backends], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", PEAK_PROBE, *CPU_BACKENDS], capture_output=True,
                          text=True, timeout=300, check=True, cwd=Path(__file__).parents[2])
     peaks = json.loads(out.stdout.strip().splitlines()[-1])
     logits_bytes = 4096 * 32768 * 4
     assert peaks["naive"] >= logits_bytes, f"probe did not see the naive logits: {peaks}"
-    for name in backends:
+    for name in CPU_BACKENDS:
         assert peaks[name] < logits_bytes / 10, f"{name} peak {peaks[name]} bytes: {peaks}"

@@ -9,18 +9,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatron_ext.ops import available_backends, set_backend, swiglu
+from megatron_ext.ops import swiglu
 
 SHAPES = [(4, 6), (3, 5, 10), (2, 3, 4, 130), (1, 2)]
-
-
-@pytest.fixture(params=["cpp", "torch"])
-def backend(request):
-    if request.param not in available_backends():
-        pytest.skip(f"{request.param} backend not built here (available: {available_backends()})")
-    previous = set_backend(request.param)
-    yield request.param
-    set_backend(previous)
 
 
 def formula(x):
