@@ -57,7 +57,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -85,12 +84,6 @@ ARMS = {  # name -> (data file, gate on)
     "d": ("mix, no gate", "mix", False),
 }
 _COARSE = re.compile(r"-?\d+(?:[+\-*]-?\d+){2,}=-?\d+\nA: -?\d+\n?")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_data(d: str, n: int, ref_n: int) -> Dict[str, int]:
@@ -135,7 +128,8 @@ def train(args, arm: str) -> Dict:
     ovr = overrides(args, os.path.join(data_dir, f"{data}.jsonl"), run_dir,
                     os.path.join(data_dir, "reference.jsonl") if gated else None)
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               MASTER_PORT=str(free_port()), OMP_NUM_THREADS=str(args.threads))
+               OMP_NUM_THREADS=str(args.threads))
+    env.pop("MASTER_PORT", None)  # one process rendezvous in-process: no port to collide on
     started = time.perf_counter()
     with open(os.path.join(run_dir, "train.log"), "w") as log:
         proc = subprocess.run([sys.executable, "-m", "megatron_ext.train", *ovr], cwd=REPO, env=env,
@@ -209,7 +203,7 @@ def evaluate(args, results: List[Dict]) -> None:
 
     import torch
     torch.set_num_threads(args.threads)
-    os.environ["MASTER_PORT"] = str(free_port())
+    os.environ.pop("MASTER_PORT", None)  # in-process rendezvous (parallel.topology)
     cfg, dims = checked_config(results[0]["overrides"], 1)
     compat.setup()
     topo = topology.initialize(dims, seed=cfg.seed)
