@@ -31,7 +31,7 @@ sampler seed); a packed, token-matched run would show the short target traces ~5
 Each SFT run is one process (TP=1) with OMP_NUM_THREADS=--threads (1: two threads per process
 ran 3-10x slower while other jobs shared the two cores).
 
-Metric: held-out answer accuracy by greedy generation (megatron_ext.rl.rollout.generate on the
+Metric: held-out answer accuracy by greedy generation (megatron_ext.models.generate.generate on the
 final checkpoint, loaded with megatron_ext.rl.weights.load_weights into the model the trainer
 builds), judged by the task verifier rl.rewards.task_correct: the integer on the last `A: <int>`
 line equals the answer. This is fair to every style because all four render() styles end with the
@@ -195,7 +195,7 @@ def evaluate(args, results: List[Dict]) -> None:
     from megatron_ext.data.tokenizer import build_tokenizer
     from megatron_ext.models.gpt import build_gpt_chunks
     from megatron_ext.rl.experience import PromptPool
-    from megatron_ext.rl.rollout import SamplingParams, generate
+    from megatron_ext.models.generate import SamplingParams, generate
     from megatron_ext.rl.weights import checked_source, load_weights, model_shape
     from megatron_ext.train import checked_config
     from megatron_ext.training import checkpoint

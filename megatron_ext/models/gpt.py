@@ -16,8 +16,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_ext.compat import has_transformer_engine
 from megatron_ext.config.schema import Config
 from megatron_ext.models.fused_loss import FusedLossGPTModel
-from megatron_ext.ops.megatron_swiglu import apply_fused_swiglu
-from parallel.ring_attention import RingCoreAttention
+from megatron_ext.models.fused_swiglu import apply_fused_swiglu
+from megatron_ext.models.attention import RingCoreAttention
 from parallel.topology import Topology
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -7,7 +7,7 @@ from typing import Sequence, Tuple
 
 from megatron_ext.rl.experience import PromptPool
 from megatron_ext.rl.rewards import task_correct
-from megatron_ext.rl.rollout import SamplingParams, generate
+from megatron_ext.models.generate import SamplingParams, generate
 
 
 def heldout_accuracy(model, pool: PromptPool, *, max_new_tokens: int, stop: Sequence[str],

@@ -12,7 +12,7 @@ import torch
 
 from megatron_ext.rl.filtering import FillResult, PassRateHistory, fill_batch
 from megatron_ext.rl.rewards import CombinedReward, task_correct
-from megatron_ext.rl.rollout import SamplingParams, generate
+from megatron_ext.models.generate import SamplingParams, generate
 
 
 @dataclasses.dataclass

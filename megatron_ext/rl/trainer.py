@@ -26,7 +26,7 @@ from megatron_ext.data.task import ArithmeticTask
 from megatron_ext.models.gpt import build_gpt_chunks
 from megatron_ext.rl.advantages import gae, grpo_advantages, whiten
 from megatron_ext.rl.buffer import TrajectoryBuffer
-from megatron_ext.rl.critic import HEAD, build_critic, critic_config
+from megatron_ext.models.critic import HEAD, build_critic, critic_config
 from megatron_ext.rl.evaluation import heldout_accuracy
 from megatron_ext.rl.experience import PromptPool, collect, rollout_stats
 from megatron_ext.rl.filtering import PassRateHistory
@@ -36,7 +36,7 @@ from megatron_ext.rl.objective import (POLICY_MAXES, POLICY_SUMS, VALUE_SUMS, Po
                                        logprob_output, policy_objective, value_objective,
                                        value_output)
 from megatron_ext.rl.rewards import CombinedReward
-from megatron_ext.rl.rollout import SamplingParams
+from megatron_ext.models.generate import SamplingParams
 from megatron_ext.rl.rows import Rows, last_token_rewards, micro_batches, rows_from_groups
 from megatron_ext.rl.weights import checked_source, load_weights, model_shape
 from megatron_ext.training import checkpoint

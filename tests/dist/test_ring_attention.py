@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from parallel.context import cp_loss_mean, zigzag_positions, zigzag_split
-from parallel.ring_attention import RingCoreAttention, ring_attention
+from megatron_ext.models.attention import RingCoreAttention
+from parallel.ring_attention import ring_attention
 
 from ._spawn import run_distributed
 

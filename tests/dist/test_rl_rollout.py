@@ -82,7 +82,7 @@ def _same_on_all(tensor, group, where):
 
 def _rollout_checks(chunks, topo, tok, prompts, reference):
     """Checks of one layout; `reference` holds the TP=1 rollouts once they exist."""
-    from megatron_ext.rl.rollout import SamplingParams, generate
+    from megatron_ext.models.generate import SamplingParams, generate
 
     vocab, where = tok.vocab_size, f"{topo.dims} rank {topo.rank}"
     whole = topo.dims.pp == 1  # one forward gives the logits: compare with a full recompute

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from megatron_ext.models.attention import RingCoreAttention
 from parallel.ring_attention import (
-    RingCoreAttention,
     attention_block_backward,
     attention_block_forward,
     ring_attention,

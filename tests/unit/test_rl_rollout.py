@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_ext.data.tokenizer import ByteTokenizer
-from megatron_ext.rl.rollout import SamplingParams, _sample, generate
+from megatron_ext.models.generate import SamplingParams, _sample, generate
 
 TOK = ByteTokenizer()
 PADDED_VOCAB = 384  # megatron pads 259 up to a multiple of 128

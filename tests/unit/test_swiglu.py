@@ -85,7 +85,7 @@ def test_megatron_mlp_hook_matches_unfused_mlp(model_parallel_world_of_one):
     from megatron.core.transformer.spec_utils import build_module
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    from megatron_ext.ops.megatron_swiglu import SwiGLUActivation, apply_fused_swiglu
+    from megatron_ext.models.fused_swiglu import SwiGLUActivation, apply_fused_swiglu
 
     config = TransformerConfig(num_layers=1, hidden_size=16, ffn_hidden_size=24,
                                num_attention_heads=2, gated_linear_unit=True,
@@ -115,7 +115,7 @@ def test_megatron_mlp_hook_matches_unfused_mlp(model_parallel_world_of_one):
 def test_megatron_hook_refuses_a_non_swiglu_config():
     from types import SimpleNamespace
 
-    from megatron_ext.ops.megatron_swiglu import apply_fused_swiglu
+    from megatron_ext.models.fused_swiglu import apply_fused_swiglu
 
     config = SimpleNamespace(gated_linear_unit=False, activation_func=F.gelu,
                              glu_linear_offset=0.0, activation_func_clamp_value=None,
