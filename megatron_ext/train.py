@@ -73,6 +73,21 @@ def checked_config(overrides: Sequence[str], world_size: int):
     return cfg, dims
 
 
+def build_loop(cfg: Config, topo: topology.Topology, run_dir: str):
+    """The training loop around the recipe `stage` names (imported after the CPU bridge)."""
+    from megatron_ext.training.loop import TrainLoop
+    if cfg.stage == "rl":
+        from megatron_ext.rl.recipe import RLRecipe as Recipe
+    else:
+        from megatron_ext.sft.recipe import SFTRecipe as Recipe
+
+    def log(message: str) -> None:
+        if topo.is_logging_rank:
+            print(message, flush=True)
+
+    return TrainLoop(cfg, topo, run_dir, Recipe(cfg, topo, log))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     overrides = list(sys.argv[1:] if argv is None else argv)
     cfg, dims = checked_config(overrides, topology.env_world()[2])
@@ -87,16 +102,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"layout: world {dims.world_size} = tp {dims.tp} x pp {dims.pp} x cp {dims.cp} x "
               f"dp {dims.dp}{f' (vpp {dims.vpp})' if dims.vpp else ''} on "
               f"{topo.device.type}", flush=True)
-    if cfg.stage == "rl":  # imported after the CPU bridge is installed
-        from megatron_ext.rl.trainer import RLTrainer as Trainer
-    else:
-        from megatron_ext.training.trainer import Trainer
     try:
         cfg, gate = apply_fidelity_gate(cfg, topo, run_dir)
-        trainer = Trainer(cfg, topo, run_dir)
+        loop = build_loop(cfg, topo, run_dir)
         if gate is not None:
-            trainer.logger.log(gate)
-        return trainer.fit()
+            loop.logger.log(gate)
+        return loop.run()
     finally:
         topology.destroy()
 

@@ -32,6 +32,12 @@ class GlobalBatchSampler:
             self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
         return int(self._perm[offset])
 
+    def state_dict(self) -> dict:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.consumed_samples = state["consumed_samples"]
+
     def next_step(self) -> List[List[int]]:
         """Sample indices of this rank's micro-batches for the next optimizer step."""
         base = self.consumed_samples

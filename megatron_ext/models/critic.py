@@ -15,7 +15,6 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_ext.config.schema import Config
 from megatron_ext.models.gpt import build_gpt_chunks, wrap_ddp
-from megatron_ext.training.optimizer import build_optimizer, build_scheduler
 from parallel.topology import Topology
 
 HEAD = "output_layer."  # the value head's parameter prefix (not in an SFT checkpoint)
@@ -36,7 +35,7 @@ class ValueHead(MegatronModule):
 
 def critic_config(cfg: Config) -> Config:
     """The critic's view of the config: untied head (it has no vocab projection), its own LR,
-    held constant."""
+    held constant (the optimizer the RL recipe builds for it reads this)."""
     train = dataclasses.replace(cfg.train, lr=cfg.rl.critic_lr, min_lr=cfg.rl.critic_lr,
                                 warmup_steps=0, lr_decay_style="constant")
     model = dataclasses.replace(cfg.model, tie_embeddings=False)
@@ -44,13 +43,10 @@ def critic_config(cfg: Config) -> Config:
 
 
 def build_critic(cfg: Config, topo: Topology, vocab_size: int):
-    """(DDP-wrapped critic chunks, their optimizer). The scheduler only sets the constant LR."""
+    """DDP-wrapped critic chunks: the policy's trunk, a value head on the last stage."""
     ccfg = critic_config(cfg)
     chunks = build_gpt_chunks(ccfg, topo, vocab_size)
     for chunk in chunks:
         if chunk.post_process:
             chunk.output_layer = ValueHead(chunk.config).to(topo.device)
-    model = wrap_ddp(ccfg, chunks)
-    optimizer = build_optimizer(ccfg, model)
-    build_scheduler(ccfg, optimizer)
-    return model, optimizer
+    return wrap_ddp(ccfg, chunks)

@@ -10,6 +10,8 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from megatron_ext.training import collectives
+
 
 def grpo_advantages(rewards: torch.Tensor, *, eps: float = 1e-6,
                     normalize_std: bool = True) -> torch.Tensor:
@@ -74,13 +76,13 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps:
     xf = torch.where(m > 0, x.float(), 0.0)
     stats = torch.stack([(xf * m).sum(), m.sum()])
     if group is not None:
-        dist.all_reduce(stats, group=group)
+        stats = collectives.all_reduce(stats, group)
     if stats[1].item() == 0:
         raise ValueError("whiten: the mask selects no entries; nothing to normalise")
     mean = stats[0] / stats[1]
     sq = ((xf - mean) ** 2 * m).sum()  # two passes: no cancellation in E[x^2] - mean^2
     if group is not None:
-        dist.all_reduce(sq, group=group)
+        sq = collectives.all_reduce(sq, group)
     var = sq / stats[1]
     out = (xf - mean) * torch.rsqrt(var + eps)
     if not shift_mean:

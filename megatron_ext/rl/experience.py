@@ -69,13 +69,18 @@ def sample_groups(model, pool: PromptPool, indices: Sequence[int], *, group_size
 
 
 def collect(model, pool: PromptPool, history: PassRateHistory, *, rl, params: SamplingParams,
-            reward: CombinedReward, tokenizer, vocab_size: int, seed: int,
+            reward: CombinedReward, tokenizer, vocab_size: int, seed: int, device: torch.device,
             tp_group, pp_group) -> Tuple[FillResult, List[Group]]:
     """Fill one step's batch: `rl.prompts_per_step` groups in [rl.band_low, rl.band_high], in
     at most `rl.max_refill_rounds` rollout rounds. Returns fill_batch's result (kept groups and
-    counters) and every sampled group (for the reward and length statistics)."""
-    generator = torch.Generator().manual_seed(seed)
-    candidates = pool.draw(rl.prompts_per_step * rl.max_refill_rounds, history, generator)
+    counters) and every sampled group (for the reward and length statistics).
+
+    Prompts are drawn on the host; tokens are sampled by a generator on the model's `device`
+    (torch.multinomial on CUDA probabilities refuses a CPU generator), both seeded from `seed`,
+    which differs per step and DP rank, so rollouts are reproducible."""
+    candidates = pool.draw(rl.prompts_per_step * rl.max_refill_rounds, history,
+                           torch.Generator().manual_seed(seed))
+    generator = torch.Generator(device=device).manual_seed(seed)
     sampled: List[Group] = []
 
     def sample(indices: List[int]):

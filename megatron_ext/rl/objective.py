@@ -8,8 +8,9 @@ predicts `targets[:, j]`): `mask` (1 on response tokens), `old_logp` (the rollou
 `advantages`, and `ref_logp` / `old_values` / `returns` when the algorithm uses them. The model
 is called without labels, so the loss sees this rank's vocab shard of the logits `[b, t, v/tp]`.
 
-Stats are two fp32 vectors: sums (named by POLICY_SUMS / VALUE_SUMS, token-weighted, to be
-summed over micro-batches and ranks) and maxima (POLICY_MAXES, to be maxed).
+Stats are named scalars, declared once in POLICY_METRICS / VALUE_METRICS with how the job
+combines them (token-weighted sums over micro-batches and ranks, or maxima); the engine reduces
+exactly what the table names and the recipe turns the sums into means.
 """
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ from typing import Dict, Optional
 
 import torch
 
+from megatron_ext.training.engine import metrics
 from megatron_ext.rl.losses import (agg_count, aggregate, entropy_from_logits, kl_penalty,
                                     logprobs_from_logits, policy_loss, value_loss)
 
-POLICY_SUMS = ("loss", "count", "tokens", "pg_loss", "entropy", "kl_ref", "clip_frac",
-               "clip_frac_low", "clip_frac_high", "ratio_mean", "approx_kl")
-POLICY_MAXES = ("ratio_max", "logprob_diff_max")
-VALUE_SUMS = ("loss", "count", "tokens", "vf_clip_frac", "value_mean")
+# policy_loss's token-averaged metrics, reported as token-weighted sums
+_TOKEN_MEANS = ("clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "approx_kl")
+POLICY_METRICS = (metrics("loss", "count", "tokens", "pg_loss", "entropy", "kl_ref", *_TOKEN_MEANS)
+                  + metrics("ratio_max", "logprob_diff_max", reduce="max"))
+VALUE_METRICS = metrics("loss", "count", "tokens", "vf_clip_frac", "value_mean")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +52,7 @@ def token_logprobs(batch: Dict[str, torch.Tensor], vocab_size: int, temperature:
                                 vocab_size=vocab_size, temperature=temperature)
 
 
-def policy_objective(batch: Dict[str, torch.Tensor], s: PolicySettings, tp_group,
+def policy_objective(s: PolicySettings, tp_group, batch: Dict[str, torch.Tensor],
                      logits: torch.Tensor):
     """Clipped policy loss (+ KL to the reference, - entropy bonus), summed for megatron's
     per-token-loss mode; `logprob_diff_max` compares these log-probs with the rollout's."""
@@ -74,14 +77,14 @@ def policy_objective(batch: Dict[str, torch.Tensor], s: PolicySettings, tp_group
     tokens = valid.sum().float()
     with torch.no_grad():
         diff = torch.where(valid, (logp - batch["old_logp"].float()).abs(), 0.0).amax()
-        sums = torch.stack([loss.detach(), count, tokens, pg.detach(),
-                            torch.where(valid, entropy.detach(), 0.0).sum(), kl_sum,
-                            *(m[k] * tokens for k in POLICY_SUMS[6:])]).float()
-        maxes = torch.stack([m["ratio_max"], diff]).float()
-    return loss, count.to(torch.int), {"sums": sums.clone(), "maxes": maxes}
+        stats = {"loss": loss.detach().clone(), "count": count, "tokens": tokens,
+                 "pg_loss": pg.detach(), "entropy": torch.where(valid, entropy.detach(), 0.0).sum(),
+                 "kl_ref": kl_sum, "ratio_max": m["ratio_max"], "logprob_diff_max": diff,
+                 **{k: m[k] * tokens for k in _TOKEN_MEANS}}
+    return loss, count.to(torch.int), stats
 
 
-def value_objective(batch: Dict[str, torch.Tensor], clip: float, agg: str, values: torch.Tensor):
+def value_objective(clip: float, agg: str, batch: Dict[str, torch.Tensor], values: torch.Tensor):
     """The critic's clipped value loss on its `[b, t, 1]` output, summed like the policy's."""
     mask = batch["mask"]
     v = values[..., 0]
@@ -89,9 +92,9 @@ def value_objective(batch: Dict[str, torch.Tensor], clip: float, agg: str, value
                          denominator=1.0)
     count = agg_count(mask, agg)
     tokens = (mask > 0).sum().float()
-    sums = torch.stack([loss.detach(), count, tokens, m["vf_clip_frac"] * tokens,
-                        m["value_mean"] * tokens]).float()
-    return loss, count.to(torch.int), {"sums": sums.clone()}
+    return loss, count.to(torch.int), {
+        "loss": loss.detach().clone(), "count": count, "tokens": tokens,
+        "vf_clip_frac": m["vf_clip_frac"] * tokens, "value_mean": m["value_mean"] * tokens}
 
 
 def logprob_output(vocab_size: int, temperature: float, tp_group,

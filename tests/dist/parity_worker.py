@@ -29,7 +29,7 @@ def run_layouts(rank: int, world_size: int, out_dir: str, layouts: dict) -> None
     from parallel import topology
 
     compat.setup()
-    from megatron_ext.training.trainer import Trainer
+    from megatron_ext.train import build_loop
 
     init_path = os.path.join(out_dir, "init.pt")
     for name, overrides in layouts.items():
@@ -37,27 +37,28 @@ def run_layouts(rank: int, world_size: int, out_dir: str, layouts: dict) -> None
         dims = validate(cfg, world_size)
         topo = topology.initialize(dims, seed=cfg.seed)
         os.makedirs(cfg.run.dir, exist_ok=True)
-        trainer = Trainer(cfg, topo, cfg.run.dir)
+        recipe = build_loop(cfg, topo, cfg.run.dir).recipe
+        chunks = recipe.policy.chunks
         if os.path.exists(init_path):
-            load_full_state(trainer.model, torch.load(init_path, weights_only=True), topo)
+            load_full_state(chunks, torch.load(init_path, weights_only=True), topo)
         else:
-            full = gather_full_state(trainer.model, topo)
+            full = gather_full_state(chunks, topo)
             if rank == 0:
                 torch.save(full, init_path)
             dist.barrier()
-        chunk = trainer.model[0].module
+        chunk = chunks[0].module
         record = {"loss": [], "grads": [], "weights": [], "model_class": type(chunk).__name__,
                   "swiglu_modules": sum(type(m).__name__ == "SwiGLUActivation"
                                         for m in chunk.modules())}
-        for _ in range(STEPS):
+        for step in range(1, STEPS + 1):
             grads = []
             if not cfg.parallel.use_distributed_optimizer:  # else grads are reduce-scattered
-                inspect = lambda: grads.append(gather_full_state(trainer.model, topo, grads=True))
+                inspect = lambda: grads.append(gather_full_state(chunks, topo, grads=True))
             else:
                 inspect = None
-            record["loss"].append(trainer.train_step(inspect_grads=inspect)["loss"])
+            record["loss"].append(recipe.train_step(step, inspect_grads=inspect)["loss"])
             record["grads"].append(grads[0] if grads else None)
-            record["weights"].append(gather_full_state(trainer.model, topo))
+            record["weights"].append(gather_full_state(chunks, topo))
         if rank == 0:
             torch.save(record, os.path.join(out_dir, f"{name}.pt"))
         from megatron.core import parallel_state as ps

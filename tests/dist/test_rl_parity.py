@@ -55,29 +55,30 @@ def _fixed_rows(trainer):
     return rows
 
 
-def _models(trainer):
-    models = {"policy": trainer.model, "reference": trainer.reference}
-    if trainer.critic is not None:
-        models["critic"] = trainer.critic
+def _models(recipe):
+    models = {"policy": recipe.policy.chunks, "reference": recipe.reference.chunks}
+    if recipe.critic is not None:
+        models["critic"] = recipe.critic.chunks
     return models
 
 
-def _check_guard_restore(trainer, topo):
+def _check_guard_restore(loop, topo):
     """A regression past rl.margin restores the best checkpoint's policy and critic, halves
     the LR and keeps the step count."""
     from megatron_ext.models.reshard import gather_full_state
 
-    trainer._judge({"accuracy": 0.5})  # the first eval is the best so far: saved
-    best = {k: gather_full_state(m, topo) for k, m in _models(trainer).items() if k != "reference"}
-    trainer.train_step()
-    step = trainer.step
-    trainer._judge({"accuracy": 0.5 - 2 * trainer.rl.margin})
-    after = {k: gather_full_state(m, topo) for k, m in _models(trainer).items() if k != "reference"}
+    recipe, guard = loop.recipe, loop.recipe.guard
+    assert guard({"accuracy": 0.5}, loop) is None  # the first eval is the best so far: saved
+    best = {k: gather_full_state(m, topo) for k, m in _models(recipe).items() if k != "reference"}
+    loop.step += 1
+    recipe.train_step(loop.step)
+    assert guard({"accuracy": 0.5 - 2 * recipe.rl.margin}, loop) == "restored"
+    after = {k: gather_full_state(m, topo) for k, m in _models(recipe).items() if k != "reference"}
     if topo.rank == 0:
         for key in best:
             assert _max_diff(after[key], best[key]) == 0, key
-    assert trainer.step == step and trainer.guard.lr_scale == 0.5
-    assert trainer.optimizer.param_groups[0]["max_lr"] == 0.5 * trainer.cfg.train.lr
+    assert loop.step == 3 and guard.lr_scale == 0.5
+    assert recipe.policy.optimizer.param_groups[0]["max_lr"] == 0.5 * recipe.cfg.train.lr
 
 
 def run_layouts(rank, world_size, out_dir):
@@ -90,7 +91,7 @@ def run_layouts(rank, world_size, out_dir):
     compat.setup()
     from megatron.core import parallel_state as ps
 
-    from megatron_ext.rl.trainer import RLTrainer
+    from megatron_ext.train import build_loop
 
     for algo, algo_overrides in ALGORITHMS.items():
         for name, overrides in LAYOUTS[world_size].items():
@@ -99,7 +100,8 @@ def run_layouts(rank, world_size, out_dir):
                                  [f"rl.init_checkpoint={out_dir}", f"run.dir={run_dir}"])
             topo = topology.initialize(validate(cfg, world_size), seed=cfg.seed)
             os.makedirs(run_dir, exist_ok=True)
-            trainer = RLTrainer(cfg, topo, run_dir)
+            loop = build_loop(cfg, topo, run_dir)
+            trainer = loop.recipe
             init_path = os.path.join(out_dir, f"{algo}_init.pt")
             models = _models(trainer)
             if world_size == 1:  # the reference layout writes the weights every layout loads
@@ -113,20 +115,21 @@ def run_layouts(rank, world_size, out_dir):
             init = torch.load(init_path, weights_only=True)
             for key, chunks in models.items():
                 load_full_state(chunks, init[key], topo)
-            trainer.optimizer.reload_model_params()
+            trainer.policy.optimizer.reload_model_params()
             if trainer.critic is not None:
-                trainer.critic_optimizer.reload_model_params()
+                trainer.critic.optimizer.reload_model_params()
 
             grads = []
             inspect = lambda which: grads.append(
                 (which, gather_full_state(models[which], topo, grads=True)))
-            metrics = trainer.update_policy(_fixed_rows(trainer), inspect_grads=inspect)
-            weights = gather_full_state(trainer.model, topo)
-            step = trainer.train_step()  # a real rollout and update
+            metrics = trainer.update(_fixed_rows(trainer), inspect_grads=inspect)
+            weights = gather_full_state(models["policy"], topo)
+            loop.step = 2
+            step = trainer.train_step(loop.step)  # a real rollout and update
             assert step["updates"] == 2, step
             assert step["logprob_diff_max"] <= TOL, (algo, name, step["logprob_diff_max"])
             if world_size == 1 and algo == "ppo":
-                _check_guard_restore(trainer, topo)
+                _check_guard_restore(loop, topo)
             if rank == 0:
                 torch.save({"metrics": metrics, "grads": grads, "weights": weights,
                             "step": step}, os.path.join(out_dir, f"{algo}_{name}.pt"))

@@ -1,0 +1,1 @@
+"""The pretraining / SFT recipe on the shared engine."""
