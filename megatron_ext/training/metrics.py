@@ -1,22 +1,10 @@
-"""Reduce per-rank statistics to the logging rank, and write metrics.jsonl."""
+"""metrics.jsonl and the progress line."""
 from __future__ import annotations
 
 import json
 import math
 import os
-from typing import Dict, List
-
-import torch
-import torch.distributed as dist
-
-
-def sum_to_all(values: List[float], contribute: bool) -> List[float]:
-    """Sum a vector over every process of the job; only ranks with `contribute` add theirs.
-    This deliberately spans the whole world: it carries last-stage statistics to rank 0."""
-    t = torch.tensor(values if contribute else [0.0] * len(values), dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(t, group=dist.group.WORLD)
-    return t.tolist()
+from typing import Dict
 
 
 class MetricsWriter:

@@ -11,8 +11,7 @@ from __future__ import annotations
 import signal
 from typing import Optional
 
-import torch
-import torch.distributed as dist
+from megatron_ext.training import collectives
 
 # "Requeue me": the trainer saved a checkpoint because it was told to stop, and the run should
 # go on in a new allocation. 75 is EX_TEMPFAIL (sysexits.h), a code no crash produces.
@@ -57,10 +56,7 @@ class PreemptionFlag:
         """The highest signal number any rank of `group` got (SIGTERM 15 outranks SIGUSR1 10),
         0 when none: a MAX all-reduce, so every rank must call it at the same point of the
         loop, and all ranks then take the same exit."""
-        device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-        flag = torch.tensor([self.signum or 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        return int(flag.item())
+        return int(collectives.reduce_floats([self.signum or 0], group, "max")[0])
 
     def requested_anywhere(self, group) -> bool:
         return self.signal_anywhere(group) != 0

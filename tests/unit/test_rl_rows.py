@@ -44,12 +44,26 @@ def test_last_token_rewards_sit_on_the_last_response_token():
     assert out.tolist() == [[0, 0, 2, 0], [0, 0, 0, 0], [0, 0, 0, -1]]
 
 
+class _Policy:
+    """What the guard asks of the policy unit: the LR scaling of its param groups."""
+
+    def __init__(self):
+        self.param_groups = [{}]
+
+    def scale_lr(self, scale, lr, min_lr):
+        self.param_groups[0].update(max_lr=lr * scale, min_lr=min_lr * scale)
+
+
 def test_guard_verdicts_and_state():
-    guard = RegressionGuard(margin=0.05, action="halve_lr")
+    guard = RegressionGuard(0.05, "halve_lr", _Policy(), lr=1e-3, min_lr=1e-4)
     assert guard.judge(0.5) == "best"
     guard.best_accuracy = 0.5
     assert guard.judge(0.46) == "ok" and guard.judge(0.44) == "regressed"
     assert guard.judge(0.6) == "best"
-    other = RegressionGuard(0.0, "stop")
+    guard.lr_scale = 0.25
+    policy = _Policy()
+    other = RegressionGuard(0.0, "stop", policy, lr=1e-3, min_lr=1e-4)
     other.load_state_dict(guard.state_dict())
     assert other.state_dict() == guard.state_dict()
+    # a resumed guard puts its LR halvings back on the schedule
+    assert policy.param_groups[0] == {"max_lr": 0.25e-3, "min_lr": 0.25e-4}
