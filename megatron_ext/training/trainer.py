@@ -16,6 +16,7 @@ from megatron.core.optimizer import clip_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from megatron_ext.config.load import REQUEUE_EXIT_CODE
 from megatron_ext.config.schema import Config
 from megatron_ext.data.dataset import TokenRows, build_rows
 from megatron_ext.data.sampler import GlobalBatchSampler
@@ -25,7 +26,7 @@ from megatron_ext.logging.wandb_logger import build_logger
 from megatron_ext.models.gpt import build_model
 from megatron_ext.training import checkpoint
 from megatron_ext.training.metrics import MetricsWriter, progress_line, sum_to_all
-from megatron_ext.training.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
+from megatron_ext.training.preemption import PreemptionFlag
 from megatron_ext.training.optimizer import build_optimizer, build_scheduler
 from parallel.context import zigzag_split
 from parallel.topology import Topology
