@@ -9,7 +9,8 @@ from typing import List, Optional
 from megatron_ext.config.fields import ConfigError, bounded, one_of
 
 # The rewards a config may name: megatron_ext.rl.rewards registers a function under each
-# (@register_reward); a new reward is added there and named here.
+# (@register_reward). A new reward is registered there and named here, so that the launcher
+# checks rl.rewards without importing the rewards (and torch).
 REWARD_NAMES = ("task_correct", "format")
 
 

@@ -23,7 +23,8 @@ class ModelConfig:
     kv_channels: Optional[int] = bounded(None, at_least=1, what="head dim, or null")
     # SwiGLU inner width (per branch)
     ffn_hidden_size: int = bounded(256, at_least=1, what="SwiGLU inner width")
-    vocab_size: int = bounded(0, at_least=0, what="0 follows the tokenizer")  # 0: the tokenizer's
+    # 0: take the tokenizer's vocab size
+    vocab_size: int = bounded(0, at_least=0, what="0 follows the tokenizer")
     # padding of the embedding (times tp)
     make_vocab_size_divisible_by: int = bounded(128, at_least=1, what="embedding padding")
     # longest sequence RoPE is built for
@@ -59,18 +60,21 @@ class TrainConfig:
     global_batch_size: int = bounded(16, at_least=1, what="samples per optimizer step")
     lr: float = 1.0e-3  # peak learning rate
     min_lr: float = 1.0e-4  # final learning rate of the cosine decay
-    warmup_steps: int = bounded(10, at_least=0, what="linear warm-up steps")  # linear warm-up
+    warmup_steps: int = bounded(10, at_least=0, what="linear warm-up steps")  # linear warm-up steps
     lr_decay_style: str = one_of("cosine", "linear", "constant")  # shape of the decay to min_lr
-    weight_decay: float = bounded(0.01, at_least=0, what="AdamW weight decay")  # AdamW, decoupled
+    # AdamW decoupled weight decay
+    weight_decay: float = bounded(0.01, at_least=0, what="AdamW weight decay")
     adam_beta1: float = 0.9  # AdamW beta1
     adam_beta2: float = 0.95  # AdamW beta2
     adam_eps: float = 1.0e-8  # AdamW epsilon
-    clip_grad: float = bounded(1.0, at_least=0, what="grad-norm clip; 0 disables")  # global norm
+    # global grad-norm clip (0 disables)
+    clip_grad: float = bounded(1.0, at_least=0, what="grad-norm clip; 0 disables")
     # steps between progress lines / metrics records
     log_interval: int = bounded(1, at_least=1, what="steps between metrics records")
     # steps between evals (0: only at the end)
     eval_interval: int = bounded(0, at_least=0, what="steps between evals; 0: only at the end")
-    eval_samples: int = bounded(64, at_least=1, what="held-out problems per eval")  # per eval
+    # held-out problems per eval
+    eval_samples: int = bounded(64, at_least=1, what="held-out problems per eval")
     # steps between checkpoints (0: none)
     save_interval: int = bounded(0, at_least=0, what="steps between checkpoints; 0: none")
     # newest checkpoints kept (the last good one is never deleted)
