@@ -45,9 +45,9 @@ def _check_data(cfg: Config) -> None:
     """The files the run reads exist: a missing one would fail only after the processes and
     the run directory exist."""
     d = cfg.data
-    if d.tokenizer != "byte" and not os.path.exists(d.tokenizer):
-        raise ConfigError(f"data.tokenizer={d.tokenizer!r} does not exist; give a "
-                          "tokenizer.json path or data.tokenizer=byte")
+    if d.tokenizer != "byte":
+        _need_file("data.tokenizer", d.tokenizer, "give a tokenizer.json path or "
+                   "data.tokenizer=byte")
     if d.source == "jsonl":
         if not d.path:
             raise ConfigError("data.source=jsonl needs data.path=/path/to/train.jsonl")
