@@ -197,7 +197,7 @@ def evaluate(args, results: List[Dict]) -> None:
     from megatron_ext.rl.experience import PromptPool
     from megatron_ext.models.generate import SamplingParams, generate
     from megatron_ext.rl.weights import checked_source, load_weights, model_shape
-    from megatron_ext.train import checked_config
+    from megatron_ext.config.load import checked_config
     from megatron_ext.training import checkpoint
     from parallel import topology
 

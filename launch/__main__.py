@@ -30,8 +30,9 @@ def main(argv=None) -> int:
     args, rest = parser.parse_known_args(argv)
     overrides = rest + overrides
     if args.mode == "local":
-        from megatron_ext.train import checked_config
-        checked_config(overrides, args.nproc)  # fail before any process starts
+        from megatron_ext.config.load import checked_config
+        # fail before any process starts; whether TE/apex norms import is for the ranks to say
+        checked_config(overrides, args.nproc, have_fused_norms=None)
         return run_local(args.nproc, overrides)
     if args.mode == "slurm":
         from launch.slurm import run_slurm

@@ -16,7 +16,6 @@ cluster.max_requeues. The requeued job resumes from the run directory's checkpoi
 """
 from __future__ import annotations
 
-import datetime
 import os
 import re
 import shlex
@@ -29,10 +28,9 @@ from typing import List, Sequence
 
 from hydra.errors import HydraException
 
-from megatron_ext.config.load import compose_config
+from megatron_ext.config.load import (REQUEUE_EXIT_CODE, checked_config, compose_config,
+                                      run_directory)
 from megatron_ext.config.schema import ClusterConfig, Config
-from megatron_ext.train import checked_config
-from megatron_ext.training.preemption import REQUEUE_EXIT_CODE
 
 TEMPLATE = Path(__file__).parent / "templates" / "sbatch.sh"
 REPO = Path(__file__).resolve().parents[1]
@@ -63,16 +61,11 @@ def _directive_value(key: str, value: str) -> str:
 
 def check_cluster(cluster: ClusterConfig) -> None:
     """Raise SlurmConfigError for the first cluster.* value sbatch could not take."""
-    if cluster.nodes < 1:
-        raise SlurmConfigError(f"cluster.nodes={cluster.nodes} must be >= 1")
     if tasks_per_node(cluster) < 1:
         raise SlurmConfigError(
             f"cluster.tasks_per_node={cluster.tasks_per_node} and cluster.gpus_per_node="
             f"{cluster.gpus_per_node} give no task per node; set cluster.gpus_per_node (one task "
             "per GPU) or cluster.tasks_per_node (CPU processes)")
-    for key, low in (("cpus_per_task", 1), ("signal_seconds", 0), ("max_requeues", 0)):
-        if getattr(cluster, key) < low:
-            raise SlurmConfigError(f"cluster.{key}={getattr(cluster, key)} must be >= {low}")
     for key in ("time", "partition", "account", "qos", "constraint"):
         _directive_value(f"cluster.{key}", getattr(cluster, key) or "")
     for entry in cluster.env:
@@ -80,12 +73,6 @@ def check_cluster(cluster: ClusterConfig) -> None:
             raise SlurmConfigError(
                 f"cluster.env entry {entry!r} is not KEY=VALUE with a shell variable name; "
                 "write it as e.g. NCCL_DEBUG=INFO")
-
-
-def default_run_dir(cfg: Config) -> str:
-    """run.dir, else outputs/<run.name>-<time> (the trainer's own default), made absolute."""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.abspath(cfg.run.dir or os.path.join("outputs", f"{cfg.run.name}-{stamp}"))
 
 
 def train_overrides(overrides: Sequence[str], run_dir: str) -> List[str]:
@@ -165,8 +152,9 @@ def run_slurm(overrides: Sequence[str], *, dry_run: bool = False, python: str = 
     except (HydraException, ValueError):
         cluster = None  # checked_config reports it below, in its own words
     world = cluster.nodes * tasks_per_node(cluster) if cluster else 1
-    cfg, _dims = checked_config(overrides, world)
-    run_dir = default_run_dir(cfg)
+    # the login node cannot say whether TE/apex norms import on the compute nodes
+    cfg, _dims = checked_config(overrides, world, have_fused_norms=None)
+    run_dir = run_directory(cfg)
     python = python or ("python" if cfg.cluster.container_image else sys.executable)
     try:
         script = render(cfg, overrides, run_dir, python=python, workdir=os.getcwd())

@@ -5,30 +5,27 @@ composed and validated before any process group exists; the run directory is pri
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import os
 import sys
 from typing import Optional, Sequence
 
 import torch.distributed as dist
-from hydra.errors import HydraException
 
 from megatron_ext import compat
-from megatron_ext.config.load import compose_config, to_yaml
+from megatron_ext.config.load import checked_config, run_directory, to_yaml
 from megatron_ext.config.schema import Config
-from megatron_ext.config.validate import validate
 from parallel import topology
 
 
 def resolve_run_dir(cfg: Config, topo: topology.Topology) -> str:
-    """run.dir, or outputs/<name>-<time> chosen by rank 0 and shared with every rank."""
-    chosen = [cfg.run.dir]
-    if chosen[0] is None and topo.is_logging_rank:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        chosen[0] = os.path.join("outputs", f"{cfg.run.name}-{stamp}")
-    if cfg.run.dir is None and dist.is_initialized():
+    """run.dir, or a time-stamped one (config.load.run_directory) chosen by rank 0 and shared
+    with every rank."""
+    if cfg.run.dir is not None:
+        return run_directory(cfg)
+    chosen = [run_directory(cfg) if topo.is_logging_rank else None]
+    if dist.is_initialized():
         dist.broadcast_object_list(chosen, src=0, group=dist.group.WORLD)
-    return os.path.abspath(chosen[0])
+    return chosen[0]
 
 
 def apply_fidelity_gate(cfg: Config, topo: topology.Topology, run_dir: str):
@@ -59,20 +56,6 @@ def apply_fidelity_gate(cfg: Config, topo: topology.Topology, run_dir: str):
     return dataclasses.replace(cfg, data=data), record
 
 
-def checked_config(overrides: Sequence[str], world_size: int):
-    """Compose and validate, or exit with code 2 and one line naming the problem: nothing has
-    started yet, so nothing is lost."""
-    try:
-        cfg = compose_config(overrides)
-        dims = validate(cfg, world_size,
-                        have_fused_norms=compat.has_transformer_engine() or compat.has_apex())
-    except (HydraException, ValueError) as err:
-        cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
-        print(f"config error: {err}{cause}".replace("\n", " "), file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-    return cfg, dims
-
-
 def build_loop(cfg: Config, topo: topology.Topology, run_dir: str):
     """The training loop around the recipe `stage` names (imported after the CPU bridge)."""
     from megatron_ext.training.loop import TrainLoop
@@ -90,7 +73,8 @@ def build_loop(cfg: Config, topo: topology.Topology, run_dir: str):
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     overrides = list(sys.argv[1:] if argv is None else argv)
-    cfg, dims = checked_config(overrides, topology.env_world()[2])
+    fused_norms = compat.has_transformer_engine() or compat.has_apex()
+    cfg, dims = checked_config(overrides, topology.env_world()[2], have_fused_norms=fused_norms)
     compat.setup()
     topo = topology.initialize(dims, seed=cfg.seed, timeout_s=cfg.parallel.timeout_s)
     run_dir = resolve_run_dir(cfg, topo)

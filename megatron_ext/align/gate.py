@@ -11,37 +11,14 @@ import os
 from typing import Callable, List, Optional
 
 from megatron_ext.align.compare import compare
-from megatron_ext.align.filter import check_score_threshold, write_split
+from megatron_ext.align.filter import write_split
+from megatron_ext.config.schema import FidelityGateConfig
 
-ACTIONS = ("filter", "warn", "fail")
 PREFIX = "data.fidelity_gate"
 
 
 class FidelityGateError(ValueError):
-    """The SFT data is too far from the target style (or the gate is misconfigured)."""
-
-
-@dataclasses.dataclass
-class FidelityGateConfig:
-    enabled: bool = False  # score the SFT data against `reference` before training starts
-    reference: Optional[str] = None  # JSONL of traces in the target style
-    min_dataset_score: float = 0.0  # lowest acceptable mean trace score (0..1)
-    min_trace_score: float = 0.0  # traces below this count as off-style (and are dropped by `filter`)
-    action: str = "warn"  # filter | warn | fail
-
-    def validate(self) -> None:
-        if self.action not in ACTIONS:
-            raise FidelityGateError(f"{PREFIX}.action={self.action!r} is not one of {ACTIONS}")
-        if not self.reference:
-            raise FidelityGateError(f"{PREFIX}.reference is unset; point it at a JSONL of target-style traces "
-                                    f"or set {PREFIX}.enabled=false")
-        if not os.path.isfile(self.reference):
-            raise FidelityGateError(f"{PREFIX}.reference={self.reference!r} is not a file")
-        for name in ("min_dataset_score", "min_trace_score"):
-            try:
-                check_score_threshold(f"{PREFIX}.{name}", getattr(self, name))
-            except ValueError as e:
-                raise FidelityGateError(str(e)) from None
+    """The SFT data is too far from the target style."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +35,10 @@ class GateResult:
 
 def run_fidelity_gate(gate_cfg: FidelityGateConfig, candidate_path: str, out_dir: str,
                       log: Callable[[str], None] = print) -> GateResult:
-    """Run the gate on the SFT file `candidate_path`, writing the report (and filtered files) to out_dir."""
+    """Run the gate on the SFT file `candidate_path`, writing the report (and filtered files) to out_dir.
+    gate_cfg has passed config.validate (its action, thresholds and reference file)."""
     if not gate_cfg.enabled:
         return GateResult(gate_cfg.action, True, candidate_path, None, 0, 0, None, [])
-    gate_cfg.validate()
     from megatron_ext.align.report import write_report  # matplotlib: only when the gate runs
     result = compare(gate_cfg.reference, candidate_path)
     write_report(result, out_dir)

@@ -1,19 +1,30 @@
 """Compose the Hydra config without Hydra's run-directory side effects, once per process, and
-validate it before any process group exists."""
+validate it before any process exists; name the run directory; and the exit code by which a
+run asks its launcher for a requeue. The launcher and the trainer both start here."""
 from __future__ import annotations
 
+import datetime
+import os
 import pathlib
-from typing import Sequence
+import sys
+from typing import Optional, Sequence, Tuple
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from megatron_ext.config.layout import ParallelDims
 from megatron_ext.config.schema import Config
+from megatron_ext.config.validate import validate
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
 ConfigStore.instance().store(name="base_config", node=Config)
+
+# "Requeue me": the trainer saved a checkpoint because it was told to stop, and the run should
+# go on in a new allocation. 75 is EX_TEMPFAIL (sysexits.h), a code no crash produces.
+REQUEUE_EXIT_CODE = 75
 
 
 def compose_config(overrides: Sequence[str] = ()) -> Config:
@@ -27,3 +38,24 @@ def compose_config(overrides: Sequence[str] = ()) -> Config:
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def checked_config(overrides: Sequence[str], world_size: int, *,
+                   have_fused_norms: Optional[bool] = False) -> Tuple[Config, ParallelDims]:
+    """Compose and validate (see validate() for have_fused_norms), or exit with code 2 and one
+    line naming the problem: nothing has started yet, so nothing is lost."""
+    try:
+        cfg = compose_config(overrides)
+        dims = validate(cfg, world_size, have_fused_norms=have_fused_norms)
+    except (HydraException, ValueError) as err:
+        cause = f" ({err.__cause__})" if err.__cause__ is not None else ""
+        print(f"config error: {err}{cause}".replace("\n", " "), file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    return cfg, dims
+
+
+def run_directory(cfg: Config) -> str:
+    """The run directory, absolute: run.dir, else outputs/<run.name>-<time> under the working
+    directory. A time-stamped name is chosen once (by the launcher or rank 0) and passed on."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.abspath(cfg.run.dir or os.path.join("outputs", f"{cfg.run.name}-{stamp}"))

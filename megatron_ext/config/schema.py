@@ -1,32 +1,39 @@
 """The structured config behind the Hydra yaml tree. Hydra merges every yaml file and override
-into these dataclasses, so an unknown key or a wrong type fails before any process starts."""
+into these dataclasses, so an unknown key or a wrong type fails before any process starts; the
+choices and bounds on the fields (config.fields) are checked by config.validate."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from megatron_ext.align.gate import FidelityGateConfig
-from megatron_ext.rl.config import RLConfig
+from megatron_ext.config.fields import bounded, one_of
+from megatron_ext.config.rl import RLConfig
 
 
 @dataclass
 class ModelConfig:
     name: str = "tiny"  # preset name, for logs
     source: str = ""  # where the shape comes from (paper, model card, guess)
-    num_layers: int = 2  # transformer layers
-    hidden_size: int = 64  # model width
-    num_attention_heads: int = 4  # query heads
-    num_query_groups: int = 2  # KV heads (grouped-query attention); = heads for MHA
-    kv_channels: Optional[int] = None  # head dim; hidden_size / heads when unset
-    ffn_hidden_size: int = 256  # SwiGLU inner width (per branch)
-    vocab_size: int = 0  # 0: take the tokenizer's vocab size
-    make_vocab_size_divisible_by: int = 128  # padding of the embedding (times tp)
-    max_position_embeddings: int = 65536  # longest sequence RoPE is built for
+    num_layers: int = bounded(2, at_least=1, what="transformer layers")  # transformer layers
+    hidden_size: int = bounded(64, at_least=1, what="model width")  # model width
+    num_attention_heads: int = bounded(4, at_least=1, what="query heads")  # query heads
+    # KV heads (grouped-query attention); = heads for MHA
+    num_query_groups: int = bounded(2, at_least=1, what="KV heads")
+    # head dim; hidden_size / heads when unset
+    kv_channels: Optional[int] = bounded(None, at_least=1, what="head dim, or null")
+    # SwiGLU inner width (per branch)
+    ffn_hidden_size: int = bounded(256, at_least=1, what="SwiGLU inner width")
+    # 0: take the tokenizer's vocab size
+    vocab_size: int = bounded(0, at_least=0, what="0 follows the tokenizer")
+    # padding of the embedding (times tp)
+    make_vocab_size_divisible_by: int = bounded(128, at_least=1, what="embedding padding")
+    # longest sequence RoPE is built for
+    max_position_embeddings: int = bounded(65536, at_least=1, what="RoPE length")
     rotary_base: int = 10000  # RoPE theta
     tie_embeddings: bool = False  # share input embedding and output layer
     norm_epsilon: float = 1.0e-5  # RMSNorm epsilon
     init_method_std: float = 0.02  # weight init std
-    dtype: str = "fp32"  # parameter/compute dtype: fp32 | bf16
+    dtype: str = one_of("fp32", "bf16")  # parameter/compute dtype
     fused_loss: bool = True  # fused linear cross-entropy instead of materialised logits
     fused_swiglu: bool = True  # our SwiGLU kernel that recomputes in backward
 
@@ -40,35 +47,46 @@ class ParallelConfig:
     sequence_parallel: bool = False  # needs TE or apex norms (refused on CPU)
     use_distributed_optimizer: bool = False  # shard optimizer state over DP (ZeRO-1)
     overlap_grad_reduce: bool = False  # overlap DP grad all-reduce with backward
-    timeout_s: int = 600  # process-group timeout: a dead rank ends the job after this
+    # process-group timeout: a dead rank ends the job after this
+    timeout_s: int = bounded(600, at_least=1, what="seconds a collective waits for a missing rank")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 100  # optimizer steps
-    seq_len: int = 64  # tokens per sample
+    steps: int = bounded(100, at_least=1, what="optimizer steps")  # optimizer steps
+    seq_len: int = bounded(64, at_least=1, what="tokens per sample")  # tokens per sample
     micro_batch_size: int = 4  # samples per micro-batch per DP rank
-    global_batch_size: int = 16  # samples per optimizer step, all DP ranks together
+    # samples per optimizer step, all DP ranks together
+    global_batch_size: int = bounded(16, at_least=1, what="samples per optimizer step")
     lr: float = 1.0e-3  # peak learning rate
     min_lr: float = 1.0e-4  # final learning rate of the cosine decay
-    warmup_steps: int = 10  # linear warm-up steps
-    lr_decay_style: str = "cosine"  # cosine | linear | constant
-    weight_decay: float = 0.01  # AdamW decoupled weight decay
+    warmup_steps: int = bounded(10, at_least=0, what="linear warm-up steps")  # linear warm-up steps
+    lr_decay_style: str = one_of("cosine", "linear", "constant")  # shape of the decay to min_lr
+    # AdamW decoupled weight decay
+    weight_decay: float = bounded(0.01, at_least=0, what="AdamW weight decay")
     adam_beta1: float = 0.9  # AdamW beta1
     adam_beta2: float = 0.95  # AdamW beta2
     adam_eps: float = 1.0e-8  # AdamW epsilon
-    clip_grad: float = 1.0  # global grad-norm clip (0 disables)
-    log_interval: int = 1  # steps between progress lines / metrics records
-    eval_interval: int = 0  # steps between evals (0: only at the end)
-    eval_samples: int = 64  # held-out problems per eval
-    save_interval: int = 0  # steps between checkpoints (0: none)
-    keep_checkpoints: int = 3  # newest checkpoints kept (the last good one is never deleted)
+    # global grad-norm clip (0 disables)
+    clip_grad: float = bounded(1.0, at_least=0, what="grad-norm clip; 0 disables")
+    # steps between progress lines / metrics records
+    log_interval: int = bounded(1, at_least=1, what="steps between metrics records")
+    # steps between evals (0: only at the end)
+    eval_interval: int = bounded(0, at_least=0, what="steps between evals; 0: only at the end")
+    # held-out problems per eval
+    eval_samples: int = bounded(64, at_least=1, what="held-out problems per eval")
+    # steps between checkpoints (0: none)
+    save_interval: int = bounded(0, at_least=0, what="steps between checkpoints; 0: none")
+    # newest checkpoints kept (the last good one is never deleted)
+    keep_checkpoints: int = bounded(3, at_least=1, what="newest checkpoints kept")
     async_save: bool = False  # write step checkpoints in a forked process while training goes on
     resume: str = "auto"  # auto (latest good checkpoint of run.dir) | none | PATH
-    max_bad_steps: int = 3  # NaN/Inf steps in a row before saving a bad-state checkpoint and stopping
-    recompute: str = "none"  # none | selective | full
-    recompute_method: str = "uniform"  # uniform | block (full recompute)
-    recompute_num_layers: int = 1  # layers per recompute unit (full recompute)
+    # NaN/Inf steps in a row before saving a bad-state checkpoint and stopping
+    max_bad_steps: int = bounded(3, at_least=1, what="NaN/Inf steps in a row before stopping")
+    recompute: str = one_of("none", "selective", "full")  # activation recomputation
+    recompute_method: str = one_of("uniform", "block")  # how layers are grouped (full recompute)
+    # layers per recompute unit (full recompute)
+    recompute_num_layers: int = bounded(1, at_least=1, what="layers per recompute unit")
 
 
 @dataclass
@@ -80,26 +98,39 @@ class TaskConfig:
 
 
 @dataclass
+class FidelityGateConfig:
+    enabled: bool = False  # score the SFT data against `reference` before training starts
+    reference: Optional[str] = None  # JSONL of traces in the target style
+    # lowest acceptable mean trace score
+    min_dataset_score: float = bounded(0.0, at_least=0, at_most=1, what="a fidelity score, 0..1")
+    # traces below this count as off-style (and are dropped by `filter`)
+    min_trace_score: float = bounded(0.0, at_least=0, at_most=1, what="a fidelity score, 0..1")
+    # filter: train on the traces that pass; warn: log and go on; fail: stop the run
+    action: str = one_of("filter", "warn", "fail", default="warn")
+
+
+@dataclass
 class DataConfig:
-    source: str = "task"  # task (built-in arithmetic) | jsonl
+    source: str = one_of("task", "jsonl")  # the built-in arithmetic task, or a JSONL file
     path: Optional[str] = None  # JSONL file of {"prompt", "response"} when source=jsonl
     valid_path: Optional[str] = None  # held-out JSONL for the eval loss (optional)
     tokenizer: str = "byte"  # byte | path to a HF tokenizers JSON file
-    num_samples: int = 20000  # training problems drawn from the task
+    # training problems drawn from the task
+    num_samples: int = bounded(20000, at_least=1, what="training problems drawn from the task")
     pack: bool = True  # pack several examples into one sequence
     loss_on_prompt: bool = False  # SFT masks the prompt; pretrain sets this true
-    on_malformed: str = "error"  # error | skip (skip counts and reports them)
+    on_malformed: str = one_of("error", "skip")  # a bad line stops, or is counted and reported
     task: TaskConfig = field(default_factory=TaskConfig)
     fidelity_gate: FidelityGateConfig = field(default_factory=FidelityGateConfig)  # SFT data check
 
 
 @dataclass
 class ClusterConfig:
-    name: str = "local"  # local | slurm
-    nodes: int = 1  # nodes
+    name: str = one_of("local", "slurm")  # processes on this machine, or a SLURM job
+    nodes: int = bounded(1, at_least=1)  # nodes
     gpus_per_node: int = 0  # GPUs per node (0: CPU processes)
     tasks_per_node: int = 0  # processes per node (0: gpus_per_node, or nproc locally)
-    cpus_per_task: int = 1  # CPU cores per process
+    cpus_per_task: int = bounded(1, at_least=1)  # CPU cores per process
     time: str = "01:00:00"  # wall-clock limit
     partition: Optional[str] = None  # SLURM partition
     account: Optional[str] = None  # SLURM account
@@ -110,19 +141,20 @@ class ClusterConfig:
     container_mounts: Optional[str] = None  # pyxis mounts
     extra_sbatch: List[str] = field(default_factory=list)  # raw extra #SBATCH lines
     env: List[str] = field(default_factory=list)  # KEY=VALUE exported in the job
-    signal_seconds: int = 120  # USR1 this many seconds before the time limit
-    max_requeues: int = 3  # give up after this many requeues
+    signal_seconds: int = bounded(120, at_least=0)  # USR1 this many seconds before the time limit
+    max_requeues: int = bounded(3, at_least=0)  # give up after this many requeues
 
 
 @dataclass
 class LoggingConfig:
-    backend: str = "wandb"  # wandb | none
+    backend: str = one_of("wandb", "none")  # W&B run logging, or metrics.jsonl only
     project: str = "megatron-ext"  # W&B project
     entity: Optional[str] = None  # W&B entity
     group: Optional[str] = None  # W&B group
     tags: List[str] = field(default_factory=list)  # W&B tags
-    mode: str = "offline"  # offline | online (WANDB_MODE in the environment wins)
-    nvml_interval: int = 10  # steps between GPU stats records (0: off)
+    mode: str = one_of("offline", "online")  # W&B mode (WANDB_MODE in the environment wins)
+    # steps between GPU stats records (0: off)
+    nvml_interval: int = bounded(10, at_least=0, what="steps between GPU stats; 0: off")
 
 
 @dataclass
@@ -133,7 +165,7 @@ class RunConfig:
 
 @dataclass
 class Config:
-    stage: str = "sft"  # pretrain | sft | rl
+    stage: str = one_of("pretrain", "sft", "rl", default="sft")  # what the run trains
     seed: int = 1234  # every random choice of the run follows from it
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, List, Optional
 
+from megatron_ext.config.fields import check_fields
+from megatron_ext.config.layout import ParallelDims
 from megatron_ext.config.schema import Config
 from megatron_ext.data.tokenizer import build_tokenizer
 from megatron_ext.memory.activations import (BATCH_BYTES_PER_TOKEN, LayerTerms, Micro, Options,
@@ -12,7 +14,6 @@ from megatron_ext.memory.activations import (BATCH_BYTES_PER_TOKEN, LayerTerms, 
 from megatron_ext.memory.model_terms import ModelShape, stage_chunks
 from megatron_ext.memory.schedule import in_flight, profile, recompute
 from megatron_ext.memory.static import StaticBytes, static_bytes
-from parallel.topology import ParallelDims
 
 
 class PlanError(ValueError):
@@ -89,12 +90,7 @@ def _check(cfg: Config, world_size: int) -> ParallelDims:
                   num_query_groups=m.num_query_groups, seq_len=t.seq_len,
                   global_batch_size=t.global_batch_size, micro_batch_size=t.micro_batch_size,
                   sequence_parallel=False)  # planning a GPU run from here: TE norms allowed
-    for key, value, choices in (("model.dtype", m.dtype, ("fp32", "bf16")),
-                                ("train.recompute", t.recompute, ("none", "selective", "full")),
-                                ("train.recompute_method", t.recompute_method,
-                                 ("uniform", "block"))):
-        if value not in choices:
-            raise PlanError(f"{key}={value!r} is not one of {', '.join(choices)}; pick one")
+    check_fields(cfg)  # choices and bounds on the fields
     per_chunk = m.num_layers // (p.pp * (p.vpp or 1))
     if t.recompute == "full":
         k = t.recompute_num_layers

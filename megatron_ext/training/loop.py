@@ -20,7 +20,8 @@ from megatron_ext.logging.nvml import GpuMonitor
 from megatron_ext.logging.wandb_logger import build_logger
 from megatron_ext.training.checkpoint import CheckpointManager, ModelPart, OptimizerPart
 from megatron_ext.training.metrics import MetricsWriter, progress_line
-from megatron_ext.training.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
+from megatron_ext.config.load import REQUEUE_EXIT_CODE
+from megatron_ext.training.preemption import PreemptionFlag
 from parallel.topology import Topology
 
 

@@ -1,6 +1,6 @@
 """Preemption: SLURM warns a job before it ends it, and the trainer answers by finishing the
-step, saving a checkpoint and exiting with REQUEUE_EXIT_CODE, which the sbatch script turns
-into `scontrol requeue`.
+step, saving a checkpoint and exiting with config.load.REQUEUE_EXIT_CODE, which the sbatch
+script turns into `scontrol requeue`.
 
 The warning is SIGUSR1 (`--signal=B:USR1@<cluster.signal_seconds>`, forwarded by the batch
 shell to every task) or SIGTERM (scancel, a node drain, the local launcher stopping a run). A
@@ -12,10 +12,6 @@ import signal
 from typing import Optional
 
 from megatron_ext.training import collectives
-
-# "Requeue me": the trainer saved a checkpoint because it was told to stop, and the run should
-# go on in a new allocation. 75 is EX_TEMPFAIL (sysexits.h), a code no crash produces.
-REQUEUE_EXIT_CODE = 75
 
 
 class PreemptionFlag:

@@ -1,9 +1,10 @@
 """Bad inputs end a run with one message that names the value, the rule and the fix, and lose
 nothing already saved.
 
-Config mistakes are checked in-process through `checked_config` (what `python -m launch` and
-`python -m megatron_ext.train` run first: exit 2, one line). Data mistakes are checked by
-calling the data builders. The mistakes that only show at run time (resuming a checkpoint of
+Config mistakes, missing files among them, are checked in-process through `checked_config` (what
+`python -m launch` and `python -m megatron_ext.train` run first: exit 2, one line, no run
+directory), and through both entry points for a missing data file. Mistakes inside data files
+are checked by calling the data builders. The mistakes that only show at run time (resuming a checkpoint of
 another shape, a corrupt or hostile checkpoint, a tokenizer larger than the model's vocab) use
 one saved tiny run: a module fixture trains it once (1 process, 2 steps), one spawned process
 tries every runtime case against copies of it, and one real `python -m megatron_ext.train`
@@ -18,17 +19,17 @@ import sys
 
 import pytest
 
-from megatron_ext.config.load import compose_config
+from megatron_ext.config.load import checked_config, compose_config
 from megatron_ext.data.dataset import build_rows
 from megatron_ext.data.tokenizer import ByteTokenizer, build_tokenizer
-from megatron_ext.train import checked_config
 from tests.dist._spawn import run_distributed
 
 BASE = ["logging=none", "train.seq_len=32", "train.micro_batch_size=2",
         "train.global_batch_size=4", "train.eval_samples=4", "data.num_samples=64"]
 STEP = "step_00000002"
 
-# (id, overrides, world size, what the one line must contain)
+# (id, overrides, world size, what the one line must contain); {tmp} is a folder that exists,
+# {good} a valid JSONL file in it
 CONFIG_CASES = [
     ("unknown key", ["train.stepz=3"], 1, ["Could not override 'train.stepz'",
                                            "Key 'stepz' not in 'TrainConfig'"]),
@@ -93,26 +94,70 @@ CONFIG_CASES = [
       "folder", "give a checkpoints/step_N path"]),
     ("jsonl without a path", ["data=jsonl"], 1,
      ["data.source=jsonl needs data.path=/path/to/train.jsonl"]),
+    ("data file does not exist", ["data=jsonl", "data.path={tmp}/missing.jsonl"], 1,
+     ["data.path='{tmp}/missing.jsonl' does not exist; give a JSONL file"]),
+    ("data path is a folder", ["data=jsonl", "data.path={tmp}"], 1,
+     ["data.path='{tmp}' is a folder, not a file"]),
+    ("held-out file does not exist", ["data=jsonl", "data.path={good}",
+                                      "data.valid_path={tmp}/valid.jsonl"], 1,
+     ["data.valid_path='{tmp}/valid.jsonl' does not exist", "data.valid_path=null"]),
+    ("tokenizer file does not exist", ["data.tokenizer={tmp}/nope.json"], 1,
+     ["data.tokenizer='{tmp}/nope.json' does not exist; give a tokenizer.json path or "
+      "data.tokenizer=byte"]),
+    ("rl with sequence parallel", ["stage=rl", "rl.init_checkpoint={tmp}", "parallel.tp=2",
+                                   "parallel.sequence_parallel=true"], 2,
+     ["parallel.sequence_parallel=true: stage=rl generates one token per step",
+      "set parallel.sequence_parallel=false"]),
+    ("fidelity gate without a reference", ["data=jsonl", "data.path={good}",
+                                           "data.fidelity_gate.enabled=true"], 1,
+     ["data.fidelity_gate.reference is unset; point it at a JSONL of target-style traces or "
+      "set data.fidelity_gate.enabled=false"]),
+    ("fidelity gate reference does not exist",
+     ["data=jsonl", "data.path={good}", "data.fidelity_gate.enabled=true",
+      "data.fidelity_gate.reference={tmp}/reference.jsonl"], 1,
+     ["data.fidelity_gate.reference='{tmp}/reference.jsonl' does not exist"]),
+    ("fidelity gate threshold above 1", ["data.fidelity_gate.min_dataset_score=1.5"], 1,
+     ["data.fidelity_gate.min_dataset_score=1.5 must be <= 1 (a fidelity score, 0..1)"]),
+    ("bad enum on an rl field", ["rl.loss_agg=sum"], 1,
+     ["rl.loss_agg='sum' is not one of token-mean, seq-mean-token-sum, seq-mean-token-mean",
+      "pick one"]),
 ]
+GOOD = json.dumps({"prompt": "Q: 1+1", "response": "A: 2"}) + "\n"
 
 
 @pytest.mark.parametrize("overrides, world, expected",
                          [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
 def test_config_error_exits_2_with_one_named_line(capsys, tmp_path, overrides, world,
                                                   expected):
-    run_dir = tmp_path / "run"
+    run_dir, good = tmp_path / "run", tmp_path / "good.jsonl"
+    good.write_text(GOOD)
+    overrides = [o.format(tmp=tmp_path, good=good) for o in overrides]
     with pytest.raises(SystemExit) as exit_:
         checked_config(BASE + overrides + [f"run.dir={run_dir}"], world)
     assert exit_.value.code == 2
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("config error: ")]
     assert len(lines) == 1
     for part in expected:
-        assert part in lines[0]
+        assert part.format(tmp=tmp_path) in lines[0]
     assert not run_dir.exists()  # nothing started, nothing written
 
 
+@pytest.mark.parametrize("entry", [["megatron_ext.train"], ["launch", "local", "--nproc", "2",
+                                                            "--"]], ids=["train", "launch"])
+def test_missing_data_file_stops_either_entry_point_before_it_starts(tmp_path, entry):
+    """As a new user types it: one line, exit 2, no run directory, no traceback, no rank."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", *entry, "data=jsonl",
+                           f"data.path={tmp_path}/nonexistent.jsonl", "logging=none",
+                           f"run.dir={run_dir}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"config error: data.path='{tmp_path}/nonexistent.jsonl' does not exist; give a JSONL "
+        'file of {"prompt", "response"} lines']
+    assert proc.stdout == "" and not run_dir.exists()
+
+
 # -- data -----------------------------------------------------------------------------------
-GOOD = json.dumps({"prompt": "Q: 1+1", "response": "A: 2"}) + "\n"
 
 
 class _BigIdTokenizer(ByteTokenizer):

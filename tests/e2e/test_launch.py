@@ -27,13 +27,16 @@ def test_all_ranks_succeed():
     assert run_local(2, [], entry=[sys.executable, "-c", "import os; assert os.environ['RANK'] in '01'"]) == 0
 
 
-def test_bad_data_path_ends_the_run_with_a_named_error(tmp_path):
+def test_bad_data_file_ends_the_run_with_a_named_error(tmp_path):
+    """A mistake inside the data shows only once the ranks read it (a missing file is a config
+    error the launcher reports before starting any: tests/e2e/test_bad_inputs.py)."""
+    (tmp_path / "broken.jsonl").write_text("{broken\n")
     proc = subprocess.run(
         [sys.executable, "-m", "launch", "local", "--nproc", "2", "--", "logging=none",
-         "data=jsonl", f"data.path={tmp_path}/missing.jsonl", f"run.dir={tmp_path}/run"],
+         "data=jsonl", f"data.path={tmp_path}/broken.jsonl", f"run.dir={tmp_path}/run"],
         capture_output=True, text=True, timeout=180)
     assert proc.returncode != 0
-    assert f"data file '{tmp_path}/missing.jsonl' does not exist" in proc.stderr
+    assert f"{tmp_path}/broken.jsonl:1: malformed line" in proc.stderr
     assert "launch: rank" in proc.stderr
 
 

@@ -1,12 +1,14 @@
-"""The SFT data gate: each action, and `fail` stopping the run before any training step."""
+"""The SFT data gate: each action, and `fail` stopping the run before any training step. (Its
+settings are checked by config.validate: tests/unit/test_config.py.)"""
 import json
 import os
 
 import pytest
 
 from megatron_ext.align import make_traces, write_traces
-from megatron_ext.align.gate import FidelityGateConfig, FidelityGateError, run_fidelity_gate
+from megatron_ext.align.gate import FidelityGateError, run_fidelity_gate
 from megatron_ext.align.jsonl import write_jsonl
+from megatron_ext.config.schema import FidelityGateConfig
 
 TASK = dict(min_ops=2, max_ops=4)
 
@@ -86,14 +88,3 @@ def test_filter_returns_the_kept_traces(data, tmp_path):
     with pytest.raises(FidelityGateError, match="none of the 30 traces scores at least data.fidelity_gate.min_trace_score=0.5"):
         run_fidelity_gate(_cfg(data, action="filter", min_trace_score=0.5), data["verbose"], str(tmp_path / "v"),
                           log=lambda m: None)
-
-
-@pytest.mark.parametrize("kw, match", [
-    (dict(action="stop"), "data.fidelity_gate.action='stop' is not one of"),
-    (dict(reference=None), "data.fidelity_gate.reference is unset"),
-    (dict(reference="/nonexistent.jsonl"), "reference='/nonexistent.jsonl' is not a file"),
-    (dict(min_trace_score=1.5), r"data.fidelity_gate.min_trace_score=1.5 is outside \[0, 1\]"),
-])
-def test_bad_config_is_named(data, tmp_path, kw, match):
-    with pytest.raises(FidelityGateError, match=match):
-        run_fidelity_gate(_cfg(data, **kw), data["aligned"], str(tmp_path))

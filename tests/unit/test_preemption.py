@@ -5,7 +5,8 @@ import signal
 import pytest
 import torch.distributed as dist
 
-from megatron_ext.training.preemption import REQUEUE_EXIT_CODE, PreemptionFlag
+from megatron_ext.config.load import REQUEUE_EXIT_CODE
+from megatron_ext.training.preemption import PreemptionFlag
 
 
 def test_exit_code_is_ex_tempfail():

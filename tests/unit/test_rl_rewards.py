@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_ext.data.task import ArithmeticTask
-from megatron_ext.rl.config import RewardSpec
+from megatron_ext.config.rl import RewardSpec
 from megatron_ext.rl.rewards import CombinedReward, get_reward, register_reward
 
 PROBLEM = ArithmeticTask(seed=3).take(1)[0]

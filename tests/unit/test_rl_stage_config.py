@@ -30,13 +30,25 @@ def test_rl_groups_select_the_algorithm(tmp_path):
     (["rl.algorithm=dpo"], "rl.algorithm='dpo' is not one of grpo, ppo"),
     (["rl.band_low=0.9", "rl.band_high=0.1"], "need 0 <= rl.band_low <= rl.band_high <= 1"),
     (["rl=ppo", "rl.critic_lr=0"], "rl.critic_lr=0.0 must be > 0 for rl.algorithm=ppo"),
-    (["rl.rewards=[{name: nope, weight: 1.0}]"], "rl.rewards[0].name: reward 'nope'"),
+    (["rl.rewards=[{name: nope, weight: 1.0}]"],
+     "rl.rewards[0].name='nope' is not one of task_correct, format"),
+    (["rl.rewards=[]"], "rl.rewards is empty"),
     (["data=jsonl", "data.path=x.jsonl"], "data.source='jsonl': stage=rl needs prompts"),
     (["parallel.cp=2"], "parallel.cp=2: stage=rl generates one token per step"),
+    # refused before any process starts (it used to raise NotImplementedError at the first
+    # rollout), even where TE/apex norms would allow sequence parallelism for SFT
+    (["parallel.tp=2", "parallel.sequence_parallel=true"],
+     "parallel.sequence_parallel=true: stage=rl generates one token per step, which sequence "
+     "parallelism cannot split; set parallel.sequence_parallel=false"),
 ])
 def test_rl_errors_name_the_field(tmp_path, overrides, message):
     if overrides[0] != "stage=rl":
         overrides = _rl(tmp_path, *overrides)
     with pytest.raises(ConfigError) as err:
-        validate(compose_config(overrides), 2)
+        validate(compose_config(overrides), 2, have_fused_norms=True)
     assert message in str(err.value)
+
+
+def test_sequence_parallel_at_tp1_is_off_and_passes(tmp_path):
+    """At tp=1 the model builds without sequence parallelism, so nothing refuses it."""
+    validate(compose_config(_rl(tmp_path, "parallel.sequence_parallel=true")), 1)
