@@ -286,21 +286,22 @@ def _runtime_case_dirs(saved_run, root):
 
 
 def _runtime_cases(rank, world_size, cases, root, out):
-    """In one spawned process: build a Trainer for each case and resume; record the error."""
+    """In one spawned process: build the training loop for each case and resume; record the
+    error."""
     from megatron.core import parallel_state as ps
     from megatron_ext import compat
     from megatron_ext.config.validate import validate
     from parallel import topology
 
     compat.setup()
-    from megatron_ext.training.trainer import Trainer
+    from megatron_ext.train import build_loop
 
     results = {}
     for name, (overrides, marker) in cases.items():
         cfg = compose_config(BASE + overrides + [f"run.dir={root}/runs/{len(results)}"])
         topo = topology.initialize(validate(cfg, world_size), seed=cfg.seed)
         try:
-            Trainer(cfg, topo, cfg.run.dir).resume()
+            build_loop(cfg, topo, cfg.run.dir).resume()
             results[name] = "no error"
         except Exception as err:  # what the run would end with
             results[name] = f"{type(err).__name__}: {err}"
