@@ -76,7 +76,7 @@ def checked_config(overrides: Sequence[str], world_size: int):
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     overrides = list(sys.argv[1:] if argv is None else argv)
     cfg, dims = checked_config(overrides, topology.env_world()[2])
-    compat.setup()
+    compat.setup(verbose=cfg.logging.verbose)
     topo = topology.initialize(dims, seed=cfg.seed, timeout_s=cfg.parallel.timeout_s)
     run_dir = resolve_run_dir(cfg, topo)
     if topo.is_logging_rank:
@@ -87,6 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"layout: world {dims.world_size} = tp {dims.tp} x pp {dims.pp} x cp {dims.cp} x "
               f"dp {dims.dp}{f' (vpp {dims.vpp})' if dims.vpp else ''} on "
               f"{topo.device.type}", flush=True)
+        print(compat.fallback_line(watch_gpus=cfg.logging.nvml_interval > 0), flush=True)
     if cfg.stage == "rl":  # imported after the CPU bridge is installed
         from megatron_ext.rl.trainer import RLTrainer as Trainer
     else:

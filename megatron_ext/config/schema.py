@@ -123,6 +123,7 @@ class LoggingConfig:
     tags: List[str] = field(default_factory=list)  # W&B tags
     mode: str = "offline"  # offline | online (WANDB_MODE in the environment wins)
     nvml_interval: int = 10  # steps between GPU stats records (0: off)
+    verbose: bool = False  # show megatron's and torch's warnings (hidden; one fallbacks line)
 
 
 @dataclass
