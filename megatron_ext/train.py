@@ -97,7 +97,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         trainer = Trainer(cfg, topo, run_dir)
         if gate is not None:
             trainer.logger.log(gate)
-        return trainer.fit()
+        result = trainer.fit()
+        if topo.is_logging_rank:  # matplotlib loads here, on one rank, once
+            from megatron_ext.logging.plots import write_plots
+            print(f"plots: {len(write_plots(run_dir))} curves in {run_dir}/plots", flush=True)
+        return result
     finally:
         topology.destroy()
 
