@@ -37,22 +37,23 @@ def has_flash_attn() -> bool:
 # Warnings megatron-core 0.16.1 (and torch 2.13 under it) print on every rank of every run, each
 # saying something the fallbacks line says once or nothing a user can act on:
 # (message, category, module of the warn call, CPU only). Install before megatron is imported.
+_MEGATRON = r"megatron\.core\."
 _EXPECTED_WARNINGS = (
     # import time (megatron.core.optimizer, clip_grads, models.backends, gpt_layer_specs, fsdp):
     # the missing kernel libraries, named by the fallbacks line
-    (r"(Apex is|Transformer Engine and Apex are) not installed", UserWarning, "megatron", False),
+    (r"(Apex is|Transformer Engine and Apex are) not installed", UserWarning, _MEGATRON, False),
     # model build: TransformerConfig's own default cuda_graph_scope="full" trips its deprecation
-    (r"full scope is deprecated", UserWarning, "megatron", False),
+    (r"full scope is deprecated", UserWarning, _MEGATRON, False),
     # first TP forward (tensor_parallel/layers.py): a CUDA stream setting, moot without CUDA
-    (r".*CUDA_DEVICE_MAX_CONNECTIONS", UserWarning, "megatron", True),
+    (r".*CUDA_DEVICE_MAX_CONNECTIONS", UserWarning, _MEGATRON, True),
     # first TP all-gather / reduce-scatter: megatron calls the names torch 2.13 renamed
     (r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
      FutureWarning, r"torch\.distributed\.", False),
     # each step with parallel.use_distributed_optimizer (optimizer.py _zero_grad_group_helper
     # reads .grad of its shard views)
-    (r"The \.grad attribute of a Tensor that is not a leaf", UserWarning, "megatron", False),
+    (r"The \.grad attribute of a Tensor that is not a leaf", UserWarning, _MEGATRON, False),
     # checkpoint load (dist_checkpointing/strategies/torch.py): megatron's calls into torch DCP
-    (r"`load_state_dict` is deprecated", FutureWarning, "megatron", False),
+    (r"`load_state_dict` is deprecated", FutureWarning, _MEGATRON, False),
     (r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning,
      r"torch\.distributed\.", False),
 )
@@ -84,7 +85,7 @@ def has_nvml() -> bool:
 
 def fallback_line(watch_gpus: bool) -> str:
     """One line naming what this process runs without; `watch_gpus`: GPU stats were asked for."""
-    from megatron_ext.ops import backend  # after setup(): the kernels load at import
+    from megatron_ext.ops import backend  # here: compat sits below ops and loads first
     te, apex = has_transformer_engine(), has_apex()
     active = []
     if not te:
