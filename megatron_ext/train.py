@@ -75,7 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     overrides = list(sys.argv[1:] if argv is None else argv)
     fused_norms = compat.has_transformer_engine() or compat.has_apex()
     cfg, dims = checked_config(overrides, topology.env_world()[2], have_fused_norms=fused_norms)
-    compat.setup()
+    compat.setup(verbose=cfg.logging.verbose)
     topo = topology.initialize(dims, seed=cfg.seed, timeout_s=cfg.parallel.timeout_s)
     run_dir = resolve_run_dir(cfg, topo)
     if topo.is_logging_rank:
@@ -86,6 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"layout: world {dims.world_size} = tp {dims.tp} x pp {dims.pp} x cp {dims.cp} x "
               f"dp {dims.dp}{f' (vpp {dims.vpp})' if dims.vpp else ''} on "
               f"{topo.device.type}", flush=True)
+        print(compat.fallback_line(watch_gpus=cfg.logging.nvml_interval > 0), flush=True)
     try:
         cfg, gate = apply_fidelity_gate(cfg, topo, run_dir)
         loop = build_loop(cfg, topo, run_dir)

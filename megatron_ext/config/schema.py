@@ -155,6 +155,7 @@ class LoggingConfig:
     mode: str = one_of("offline", "online")  # W&B mode (WANDB_MODE in the environment wins)
     # steps between GPU stats records (0: off)
     nvml_interval: int = bounded(10, at_least=0, what="steps between GPU stats; 0: off")
+    verbose: bool = False  # show megatron's and torch's warnings (hidden; one fallbacks line)
 
 
 @dataclass

@@ -1,11 +1,14 @@
-"""GPU statistics through nvidia-ml-py, sampled by each node's local rank 0. A machine without
-NVML (no driver, a CPU node) gets one notice and training carries on."""
+"""GPU statistics through nvidia-ml-py, sampled by each node's local rank 0. A GPU node without
+NVML (no driver) gets one notice and training carries on; a machine without CUDA has no GPUs
+to watch, and the run's `fallbacks:` line already says "no NVML"."""
 from __future__ import annotations
 
 import json
 import os
 import socket
 from typing import Callable, Dict, Optional
+
+import torch
 
 
 class GpuMonitor:
@@ -21,8 +24,9 @@ class GpuMonitor:
             import pynvml
             pynvml.nvmlInit()
         except Exception as err:  # noqa: BLE001 - NVMLError_LibraryNotFound, no driver, ...
-            log(f"NVML unavailable on {socket.gethostname()} ({type(err).__name__}: {err}); "
-                "GPU stats are off, training continues")
+            if torch.cuda.is_available():
+                log(f"NVML unavailable on {socket.gethostname()} ({type(err).__name__}: {err}); "
+                    "GPU stats are off, training continues")
             return
         self._nvml = pynvml
         self.count = pynvml.nvmlDeviceGetCount()

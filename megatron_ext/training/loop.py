@@ -215,4 +215,7 @@ class TrainLoop:
                 self.record(rec)
                 self.last_eval = rec
         self.logger.finish()
+        if self.topo.is_logging_rank:  # matplotlib loads here, on one rank, once
+            from megatron_ext.logging.plots import write_plots
+            self.log(f"plots: {len(write_plots(self.run_dir))} curves in {self.run_dir}/plots")
         return self.last_eval or {}

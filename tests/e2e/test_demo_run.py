@@ -1,11 +1,16 @@
-"""A short demo-shaped run (TP=2 x PP=2, 4 processes): progress lines, falling loss, held-out
-accuracy, and the run-directory contract (config.yaml, metrics.jsonl, offline W&B run)."""
+"""A short demo-shaped run (TP=2 x PP=2, 4 processes): progress lines, the held-out loss down to
+a learned level, one fallbacks line and no warnings from any rank, and the run-directory
+contract (config.yaml, metrics.jsonl, plots, offline W&B run)."""
 import json
 import os
 import subprocess
 import sys
 
 import yaml
+
+# The untrained model's held-out loss is 5.59 (this run with train.lr=1e-12: uniform over the
+# 259 byte-tokenizer ids is ln 259 = 5.56); after these 40 steps it is 2.02 (2026-12-01).
+LEARNED_HELDOUT_LOSS = 3.0
 
 
 def test_tp2_pp2_run_trains_and_reports(tmp_path):
@@ -25,8 +30,11 @@ def test_tp2_pp2_run_trains_and_reports(tmp_path):
     for key in ("loss", "lr", "grad-norm", "tok/s", "eta"):
         assert f"| {key} " in progress[0]
     assert any("held-out accuracy" in l for l in lines)
-    # no GPU here: NVML is absent, one notice from the node's local rank 0, training goes on
-    assert sum(l.startswith("NVML unavailable on ") for l in lines) == 1
+    # the fallbacks said once by the logging rank; no rank prints megatron's or torch's warnings
+    fallbacks = [l for l in lines if l.startswith("fallbacks: ")]
+    assert len(fallbacks) == 1, fallbacks
+    assert not any(kind in proc.stderr for kind in ("UserWarning", "DeprecationWarning",
+                                                    "FutureWarning")), proc.stderr[-3000:]
 
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r.get("split") != "eval"]
@@ -35,8 +43,9 @@ def test_tp2_pp2_run_trains_and_reports(tmp_path):
     for key in ("step", "loss", "lr", "grad_norm", "tokens_per_s"):
         assert key in train[0]
     assert train[-1]["loss"] < 0.7 * train[0]["loss"]
-    assert len(evals) == 1 and evals[0]["step"] == 40 and 0.0 <= evals[0]["accuracy"] <= 1.0
-    assert evals[0]["samples"] == 32
+    assert len(evals) == 1 and evals[0]["step"] == 40 and evals[0]["samples"] == 32
+    assert evals[0]["loss"] < LEARNED_HELDOUT_LOSS, evals[0]  # accuracy stays 0% this early
+    assert "accuracy" in evals[0] and (run_dir / "plots" / "accuracy.png").exists()
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["parallel"]["tp"] == 2 and cfg["train"]["steps"] == 40

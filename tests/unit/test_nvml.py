@@ -1,12 +1,18 @@
-"""GPU stats: real NVML calls mapped to records; a machine without NVML gets one notice."""
+"""GpuMonitor against a stand-in pynvml with fixed readings (no GPU needed): which NVML calls
+become which record fields and units, the sampling interval, local rank 0 only, and the notice
+when nvmlInit fails. Real NVML on a GPU is checked by the GPU check script (issue 13)."""
 import json
 import sys
 import types
 
+import torch
+
 from megatron_ext.logging.nvml import GpuMonitor
 
 
-def _fake_pynvml(fail=False):
+def _stand_in_pynvml(fail=False):
+    """The pynvml calls GpuMonitor makes, answering fixed values; `fail`: nvmlInit raises as
+    pynvml does on a machine without the NVML library."""
     nv = types.ModuleType("pynvml")
 
     class NVMLError_LibraryNotFound(Exception):
@@ -28,8 +34,8 @@ def _fake_pynvml(fail=False):
     return nv
 
 
-def test_samples_every_interval_into_a_node_file(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml())
+def test_readings_become_records_every_interval_in_a_node_file(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", _stand_in_pynvml())
     mon = GpuMonitor(interval=5, local_rank=0, out_dir=str(tmp_path))
     assert mon.active and mon.maybe_sample(3) is None
     stats = mon.maybe_sample(5)
@@ -41,9 +47,20 @@ def test_samples_every_interval_into_a_node_file(tmp_path, monkeypatch):
     assert not GpuMonitor(interval=5, local_rank=1, out_dir=str(tmp_path)).active
 
 
-def test_missing_nvml_logs_one_notice(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(fail=True))
+def test_failing_nvml_init_on_a_gpu_machine_logs_one_notice(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", _stand_in_pynvml(fail=True))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     notes = []
     mon = GpuMonitor(interval=5, local_rank=0, out_dir=str(tmp_path), log=notes.append)
     assert not mon.active and mon.maybe_sample(5) is None
     assert len(notes) == 1 and "NVML unavailable" in notes[0] and "training continues" in notes[0]
+    assert "NVMLError_LibraryNotFound: NVML Shared Library Not Found" in notes[0]
+
+
+def test_no_notice_without_cuda(tmp_path, monkeypatch):
+    """No GPUs to watch: the run's one `fallbacks:` line says "no NVML" instead."""
+    monkeypatch.setitem(sys.modules, "pynvml", _stand_in_pynvml(fail=True))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    notes = []
+    mon = GpuMonitor(interval=5, local_rank=0, out_dir=str(tmp_path), log=notes.append)
+    assert not mon.active and notes == []
