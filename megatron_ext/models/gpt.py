@@ -15,9 +15,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext.compat import has_transformer_engine
 from megatron_ext.config.schema import Config
-from megatron_ext.models.fused_loss import FusedLossGPTModel
+from megatron_ext.models.fused_loss import FusedLossGPTModel, VocabGPTModel
 from megatron_ext.models.fused_swiglu import apply_fused_swiglu
 from megatron_ext.models.attention import RingCoreAttention
+from megatron_ext.models.init import initialize_weights
 from parallel.topology import Topology
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -113,12 +114,14 @@ def layer_spec(cfg: Config) -> ModuleSpec:
 
 
 def build_gpt_chunks(cfg: Config, topo: Topology, vocab_size: int) -> List[GPTModel]:
-    """Unwrapped GPTModel chunks of this rank, in virtual-stage order."""
+    """Unwrapped GPTModel chunks of this rank, in virtual-stage order, with initial weights
+    that depend on cfg.seed only (not on the layout). vocab_size: the real vocab; megatron
+    pads it, and the padding never enters the loss."""
     config = transformer_config(cfg, topo)
     spec = layer_spec(cfg)
     if cfg.model.fused_swiglu:
         config, spec = apply_fused_swiglu(config, spec)
-    model_class = FusedLossGPTModel if cfg.model.fused_loss else GPTModel
+    model_class = FusedLossGPTModel if cfg.model.fused_loss else VocabGPTModel
     padded = padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp)
     vpp = config.virtual_pipeline_model_parallel_size
     chunks = []
@@ -128,6 +131,7 @@ def build_gpt_chunks(cfg: Config, topo: Topology, vocab_size: int) -> List[GPTMo
             config=config,
             transformer_layer_spec=spec,
             vocab_size=padded,
+            real_vocab_size=vocab_size,
             max_sequence_length=cfg.model.max_position_embeddings,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -138,6 +142,7 @@ def build_gpt_chunks(cfg: Config, topo: Topology, vocab_size: int) -> List[GPTMo
             vp_stage=vp_stage,
         )
         chunks.append(model.to(topo.device))
+    initialize_weights(chunks, cfg.seed, vocab_size, topo)
     return chunks
 
 

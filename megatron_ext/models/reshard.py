@@ -2,7 +2,8 @@
 
 Names are GPTModel's with global layer numbers, so a full state dict is layout-free. Used to
 start any layout from the same initial weights (parity checks) and to gather a full copy of
-weights or gradients (export, comparisons)."""
+weights or gradients (export, comparisons); models/init.py draws initial weights in the full
+layout and cuts them with tp_shard."""
 from __future__ import annotations
 
 import re
@@ -20,7 +21,7 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def _global_names(chunk) -> Iterator[Tuple[str, torch.nn.Parameter]]:
+def global_names(chunk) -> Iterator[Tuple[str, torch.nn.Parameter]]:
     """(layout-free name, parameter) for every parameter of a chunk."""
     model = _unwrap(chunk)
     numbers = [layer.layer_number - 1 for layer in model.decoder.layers] if hasattr(
@@ -36,7 +37,10 @@ def _is_glu_fc1(name: str, model) -> bool:
     return name.endswith("mlp.linear_fc1.weight") and model.config.gated_linear_unit
 
 
-def _shard(full: torch.Tensor, param, name: str, model, tp: int, rank: int) -> torch.Tensor:
+def tp_shard(full: torch.Tensor, param, name: str, model, tp: int, rank: int) -> torch.Tensor:
+    """TP rank `rank`'s part of a full (one-process layout) tensor, as megatron lays it out:
+    QKV rows are grouped by query group, so a plain chunk is right; SwiGLU's fc1 holds
+    [gate_r; up_r]."""
     if not getattr(param, "tensor_model_parallel", False) or tp == 1:
         return full
     dim = param.partition_dim
@@ -61,13 +65,13 @@ def load_full_state(chunks, full: Dict[str, torch.Tensor], topo: Topology) -> No
     tp, rank = topo.dims.tp, topo.tp_rank
     for chunk in chunks:
         model = _unwrap(chunk)
-        for name, param in _global_names(chunk):
+        for name, param in global_names(chunk):
             if name == "output_layer.weight" and name not in full:
                 name = "embedding.word_embeddings.weight"  # tied: the last stage's copy
             if name not in full:
                 raise KeyError(f"parameter {name} is missing from the full state dict; it "
                                "was made for another model shape")
-            shard = _shard(full[name], param, name, model, tp, rank)
+            shard = tp_shard(full[name], param, name, model, tp, rank)
             if shard.shape != param.shape:
                 raise ValueError(f"{name}: full shape {tuple(full[name].shape)} gives a shard "
                                  f"of {tuple(shard.shape)}, the model holds "
@@ -84,7 +88,7 @@ def gather_full_state(chunks, topo: Topology, grads: bool = False) -> Optional[D
     local: Dict[str, torch.Tensor] = {}
     for chunk in chunks:
         model = _unwrap(chunk)
-        for name, param in _global_names(chunk):
+        for name, param in global_names(chunk):
             tensor = (param.main_grad if grads else param).detach().float().contiguous()
             if getattr(param, "tensor_model_parallel", False) and topo.dims.tp > 1:
                 parts = [torch.empty_like(tensor) for _ in range(topo.dims.tp)]

@@ -13,7 +13,7 @@ from megatron_ext.ops._backend import Kernels, kernels_for
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _check_inputs(hidden, weight, labels, reduction, vocab_size, ignore_index) -> None:
+def _check_inputs(hidden, weight, labels, reduction, vocab_size, rows, ignore_index) -> None:
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be 2-D [n, h]; got shape {tuple(hidden.shape)}; "
                          "flatten [s, b, h] to [s*b, h] first")
@@ -33,14 +33,26 @@ def _check_inputs(hidden, weight, labels, reduction, vocab_size, ignore_index) -
                          f"{weight.device} and {labels.device}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    if not 0 < vocab_size <= rows:
+        raise ValueError(f"vocab_size={vocab_size} must be in [1, {rows}], the rows of all "
+                         "weight shards together; pass the real vocab (padding rows come last)")
+    _check_labels(labels, vocab_size, ignore_index)
+
+
+def _check_labels(labels, vocab_size, ignore_index) -> None:
+    """Every label a real vocab id or ignore_index. On CPU a full check with the bad values; on
+    a GPU an asynchronous device assert, so the check never waits for the device (a
+    mislabelled batch still stops the run, at the next synchronisation)."""
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab_size))
-    if bool(bad.any()):
+    rule = f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}"
+    fix = ("check the tokenizer's vocab size against the output layer, or mark those tokens "
+           "with ignore_index")
+    if labels.device.type != "cpu":
+        torch._assert_async(~bad.any(), f"{rule}; {fix}")
+    elif bool(bad.any()):
         where = bad.nonzero().squeeze(1)
-        raise ValueError(
-            f"labels must lie in [0, {vocab_size}) or equal ignore_index={ignore_index}; got "
-            f"{labels[where[:5]].tolist()} at positions {where[:5].tolist()} ({where.numel()} "
-            "bad in all); check the tokenizer's vocab size against the output layer, or mark "
-            "those tokens with ignore_index")
+        raise ValueError(f"{rule}; got {labels[where[:5]].tolist()} at positions "
+                         f"{where[:5].tolist()} ({where.numel()} bad in all); {fix}")
 
 
 def _group_rank_size(tp_group) -> tuple[int, int]:
@@ -59,55 +71,48 @@ def _combine_shards(lse, target_logit, tp_group):
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """Rows whose label is ignore_index are dropped before the kernels and get zero grads."""
+    """weight holds this rank's real vocab rows, global ids [start, start + rows). Rows whose
+    label is ignore_index stay in the kernels (dropping them would need their count on the
+    host, a device sync per call) with target -1 and zero gradient scale."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, reduction, tp_group, kernels, tile):
-        rank, size = _group_rank_size(tp_group)
-        v_local = weight.shape[0]
+    def forward(ctx, hidden, weight, labels, start, ignore_index, reduction, tp_group, kernels,
+                tile):
         valid = labels != ignore_index
-        rows = None if bool(valid.all()) else valid.nonzero().squeeze(1)
-        used = hidden if rows is None else hidden.index_select(0, rows)
-        local = (labels if rows is None else labels.index_select(0, rows)).long() - rank * v_local
-        target = torch.where((local >= 0) & (local < v_local), local, -1)
+        local = labels.long() - start
+        target = torch.where(valid & (local >= 0) & (local < weight.shape[0]), local, -1)
 
-        lse, target_logit = kernels.impl.ce_forward(used, weight, target, *tile)
-        if size > 1 and used.shape[0] > 0:
+        lse, target_logit = kernels.impl.ce_forward(hidden, weight, target, *tile)
+        if tp_group is not None and hidden.shape[0] > 0:
             lse, target_logit = _combine_shards(lse, target_logit, tp_group)
-        per_row = lse - target_logit
+        per_row = torch.where(valid, lse - target_logit, 0.0)
+        count = valid.sum()
 
-        ctx.save_for_backward(hidden, weight, target, lse, rows)
-        ctx.setup = (reduction, tp_group if size > 1 else None, kernels, tile, per_row.shape[0])
+        ctx.save_for_backward(hidden, weight, target, lse, valid, count)
+        ctx.setup = (reduction, tp_group, kernels, tile)
         if reduction == "none":
-            if rows is None:
-                return per_row
-            return per_row.new_zeros(hidden.shape[0]).index_copy_(0, rows, per_row)
+            return per_row
         total = per_row.sum()
-        return total if reduction == "sum" else total / per_row.shape[0]
+        return total if reduction == "sum" else total / count
 
     @staticmethod
     def backward(ctx, grad_out):
-        hidden, weight, target, lse, rows = ctx.saved_tensors
-        reduction, tp_group, kernels, tile, n_used = ctx.setup
-        if reduction == "none":
-            scale = grad_out if rows is None else grad_out.index_select(0, rows)
-        else:
-            scale = (grad_out / n_used if reduction == "mean" else grad_out).expand(n_used)
-        used = hidden if rows is None else hidden.index_select(0, rows)
-        d_used, d_weight = kernels.impl.ce_backward(used, weight, target, lse,
-                                                    scale.to(lse.dtype).contiguous(), *tile)
-        if rows is None:
-            d_hidden = d_used
-        else:
-            d_hidden = d_used.new_zeros(hidden.shape).index_copy_(0, rows, d_used)
+        hidden, weight, target, lse, valid, count = ctx.saved_tensors
+        reduction, tp_group, kernels, tile = ctx.setup
+        if reduction == "mean":
+            grad_out = grad_out / count
+        scale = torch.where(valid, grad_out.to(lse.dtype), 0.0)
+        d_hidden, d_weight = kernels.impl.ce_backward(hidden, weight, target, lse,
+                                                      scale.contiguous(), *tile)
         if tp_group is not None:
             dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=tp_group)
-        return d_hidden.to(hidden.dtype), d_weight, None, None, None, None, None, None
+        return d_hidden.to(hidden.dtype), d_weight, None, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
                                labels: torch.Tensor, *, ignore_index: int = -100,
                                reduction: str = "mean", tp_group=None,
+                               vocab_size: int | None = None,
                                block_rows: int | None = None,
                                chunk_cols: int | None = None) -> torch.Tensor:
     """Cross-entropy of logits = hidden @ weight^T against labels, never holding [n, v_local].
@@ -116,6 +121,11 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
     t, rank r holds vocab rows [r*v_local, (r+1)*v_local) and the result equals the unsharded
     loss: shards combine their log-sum-exp and target logit with two all-reduces over tp_group
     (labels must be the same on every rank of the group, as megatron broadcasts them).
+
+    vocab_size: the real vocabulary when the rows are padded (megatron pads the output layer to
+    a multiple of make_vocab_size_divisible_by * t): rows with global id >= vocab_size never
+    enter the softmax and get exactly zero gradient, so the loss is the same for any padding.
+    A shard may be all padding. None: every row is a real id.
 
     Gradients flow to hidden and weight. hidden is the input megatron's output layer
     (ColumnParallelLinear) receives, identical on every rank of tp_group. Its gradient is the sum
@@ -130,8 +140,14 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
     block_rows and chunk_cols override the backend's logits tile (tests, tuning).
     """
     rank, size = _group_rank_size(tp_group)
-    _check_inputs(hidden, weight, labels, reduction, weight.shape[0] * size, ignore_index)
+    v_local = weight.shape[0]
+    vocab = v_local * size if vocab_size is None else vocab_size
+    _check_inputs(hidden, weight, labels, reduction, vocab, v_local * size, ignore_index)
+    start = rank * v_local
+    real = min(max(vocab - start, 0), v_local)
+    if real < v_local:  # the kernels see the real rows only; autograd zero-fills the rest
+        weight = weight[:real]
     kernels: Kernels = kernels_for(hidden)
     tile = (block_rows or kernels.block_rows, chunk_cols or kernels.chunk_cols)
-    return _FusedLinearCrossEntropy.apply(hidden, weight, labels, ignore_index, reduction,
-                                          tp_group, kernels, tile)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, labels, start, ignore_index, reduction,
+                                          tp_group if size > 1 else None, kernels, tile)

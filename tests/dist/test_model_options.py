@@ -43,6 +43,6 @@ def test_option_matches_unfused_model(results, name):
 
 def test_fused_paths_are_really_taken(results):
     assert (results["fused"]["model_class"], results["unfused"]["model_class"]) == (
-        "FusedLossGPTModel", "GPTModel")
+        "FusedLossGPTModel", "VocabGPTModel")
     assert results["fused"]["swiglu_modules"] == 4  # one per layer of the tiny model
     assert results["unfused"]["swiglu_modules"] == results["fused_loss_only"]["swiglu_modules"] == 0

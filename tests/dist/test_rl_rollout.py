@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from ._spawn import run_distributed
 
 TOL = 1e-5
+# KV-cached decoding vs one full forward, fp32, init std 0.2 (|log p| up to ~7): the two
+# summation orders differ by 4e-6 to 1.1e-5 over six initialisations measured
+KV_TOL = 2e-5
 
 
 def _vocab_parallel_checks(rank, world):
@@ -106,7 +109,7 @@ def _rollout_checks(chunks, topo, tok, prompts, reference):
         ref = _full_logprobs(model, out.tokens, topo, vocab, 0.8)
         mask = out.response_mask[:, 1:] > 0
         diff = (ref - out.logprobs[:, 1:])[mask].abs().max().item()
-        assert diff <= TOL, f"{where}: rollout vs teacher-forced log-probs differ by {diff:.3g}"
+        assert diff <= KV_TOL, f"{where}: rollout vs teacher-forced log-probs differ by {diff:.3g}"
     again = run(params, seed=100)
     assert torch.equal(again.tokens, out.tokens) and torch.equal(again.logprobs, out.logprobs)
     for group in (topo.tp_group, topo.pp_group):  # every rank holds the same rollout
@@ -122,7 +125,7 @@ def _rollout_checks(chunks, topo, tok, prompts, reference):
             assert got == _greedy_by_recompute(model, prompt, 10, vocab, tok.eos_id), (where, i)
         ref = _full_logprobs(model, greedy.tokens, topo, vocab, 1.0)
         mask = greedy.response_mask[:, 1:] > 0
-        assert (ref - greedy.logprobs[:, 1:])[mask].abs().max().item() <= TOL, where
+        assert (ref - greedy.logprobs[:, 1:])[mask].abs().max().item() <= KV_TOL, where
     if reference:  # the same weights in another layout give the same rollouts
         for got, want in zip((out, greedy), reference):
             assert torch.equal(got.tokens, want.tokens), where

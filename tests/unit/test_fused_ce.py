@@ -101,6 +101,39 @@ def test_all_tokens_ignored(backend):
     assert torch.isnan(fused(hidden, weight, labels, "mean", torch.tensor(1.0))[0])
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_padding_rows_never_enter_the_softmax(backend, reduction):
+    """vocab_size < rows: the loss is F.cross_entropy over the real columns only, and the
+    padding rows (random here, so a leak would show) get exactly zero gradient."""
+    n, h, real, padded = 45, 8, 37, 64
+    hidden, weight, labels = make_case(n, h, padded, seed=3)
+    labels = torch.where(labels == -100, labels, labels % real)
+    grad_out = torch.rand(n) if reduction == "none" else torch.tensor(0.9)
+    want = reference(hidden, weight[:real], labels, reduction, grad_out)
+    got = fused(hidden, weight, labels, reduction, grad_out, vocab_size=real, block_rows=16,
+                chunk_cols=10)
+    for g, w in zip(got[:2], want[:2]):
+        assert_close(g, w, rtol=1e-5)
+    assert_close(got[2][:real], want[2], rtol=1e-5)
+    assert torch.count_nonzero(got[2][real:]) == 0
+    assert got[2][:real].abs().min() > 0  # real rows do get gradient
+    unpadded = fused(hidden, weight, labels, reduction, grad_out)[0]
+    assert (unpadded - got[0]).abs().max() > 1e-2  # the padding would have changed the loss
+
+
+@pytest.mark.parametrize("vocab_size", [0, 12])
+def test_vocab_size_outside_the_rows_is_refused(vocab_size):
+    with pytest.raises(ValueError, match=rf"vocab_size={vocab_size} must be in \[1, 11\]"):
+        fused_linear_cross_entropy(*make_case(9, 4, 11), vocab_size=vocab_size)
+
+
+def test_label_in_the_padding_is_refused():
+    hidden, weight, labels = make_case(9, 4, 11)
+    with pytest.raises(ValueError, match=r"\[0, 8\).*\[9\] at positions \[2\]"):
+        fused_linear_cross_entropy(hidden, weight, labels.index_fill(0, torch.tensor([2]), 9),
+                                   vocab_size=8)
+
+
 @pytest.mark.parametrize(
     "bad, error, words",
     [
