@@ -27,8 +27,8 @@ class ModelConfig:
     norm_epsilon: float = 1.0e-5  # RMSNorm epsilon
     init_method_std: float = 0.02  # weight init std
     dtype: str = "fp32"  # parameter/compute dtype: fp32 | bf16
-    fused_loss: bool = True  # fused linear cross-entropy instead of materialised logits
-    fused_swiglu: bool = True  # our SwiGLU kernel that recomputes in backward
+    fused_loss: str = "auto"  # auto | true | false (auto: off on a GPU without the CUDA build)
+    fused_swiglu: str = "auto"  # auto | true | false: our recomputing SwiGLU (auto: as fused_loss)
 
 
 @dataclass

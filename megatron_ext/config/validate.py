@@ -16,6 +16,8 @@ class ConfigError(ValueError):
 _CHOICES = {
     "stage": ("pretrain", "sft", "rl"),
     "model.dtype": ("fp32", "bf16"),
+    "model.fused_loss": ("auto", "true", "false", "True", "False"),  # Hydra turns true into "True"
+    "model.fused_swiglu": ("auto", "true", "false", "True", "False"),
     "train.lr_decay_style": ("cosine", "linear", "constant"),
     "train.recompute": ("none", "selective", "full"),
     "train.recompute_method": ("uniform", "block"),
