@@ -95,20 +95,20 @@ def layer_spec(cfg: Config) -> ModuleSpec:
 
 @functools.lru_cache(maxsize=None)
 def _say_once(line: str) -> None:
-    """Print a start-up line once per process (policy, reference and critic all build)."""
-    print(line, flush=True)
+    """Print a line on global rank 0, the first time only (the reference model and the critic
+    build the same layers again)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(line, flush=True)
 
 
 def build_gpt_chunks(cfg: Config, topo: Topology, vocab_size: int) -> List[GPTModel]:
     """Unwrapped GPTModel chunks of this rank, in virtual-stage order."""
     config = transformer_config(cfg, topo)
     spec = layer_spec(cfg)
-    fused_loss, fused_swiglu = (
-        resolve_fused(key, getattr(cfg.model, key), topo.device.type)
-        for key in ("fused_loss", "fused_swiglu"))
-    for choice in (fused_loss, fused_swiglu):
-        if choice.notice and topo.is_logging_rank:
-            _say_once(choice.notice)
+    fused_loss, fused_swiglu = (resolve_fused(key, getattr(cfg.model, key), topo.device.type)
+                                for key in ("fused_loss", "fused_swiglu"))
+    for notice in filter(None, (fused_loss.notice, fused_swiglu.notice)):
+        _say_once(notice)
     if fused_swiglu.use:
         config, spec = apply_fused_swiglu(config, spec)
     model_class = FusedLossGPTModel if fused_loss.use else GPTModel
