@@ -80,3 +80,41 @@ def best_seconds(fn: Callable[[], object], dev: torch.device, reps: int, warmup:
             fn()
             times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def run_train(overrides: Sequence[str], run_dir: str, timeout_s: int, dry_run: bool) -> dict:
+    """One `python -m megatron_ext.train` process (world 1): its exit code, output, metrics
+    records and NVML samples (run_dir/gpu_stats/*.jsonl)."""
+    import glob
+    import json
+    import os
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "megatron_ext.train", "logging=none", f"run.dir={run_dir}",
+            *overrides]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if dry_run:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, even on a GPU machine
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s, env=env)
+        code, output = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as err:
+        code, output = 124, f"{err.stdout or ''}{err.stderr or ''}\ntimed out after {timeout_s}s"
+    output = output if isinstance(output, str) else output.decode(errors="replace")
+
+    def records(pattern):
+        rows = []
+        for path in sorted(glob.glob(os.path.join(run_dir, pattern))):
+            with open(path, encoding="utf-8") as f:
+                rows += [json.loads(line) for line in f if line.strip()]
+        return rows
+
+    return {"code": code, "output": output, "metrics": records("metrics.jsonl"),
+            "gpu_stats": records("gpu_stats/*.jsonl")}
+
+
+def last_line(output: str) -> str:
+    """The last non-empty output line, for a FAIL cell."""
+    lines = [line for line in output.splitlines() if line.strip()]
+    return " ".join(lines[-1].split())[:200].replace("|", "/") if lines else "(no output)"
