@@ -68,11 +68,13 @@ if [[ -z $DRY_RUN ]] && compgen -G ".whl/*.whl" >/dev/null; then
     --target /tmp/site .whl/*.whl >>"$LOG" 2>&1 || { echo "wheel install failed" | tee -a "$LOG"; FAILED=1; }
   export PYTHONPATH="$ROOT:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 else
-  echo "no .whl/ here: run benchmarks/gpu/fetch_wheels.sh first, or have the packages installed" | tee -a "$LOG"
+  [[ -n $DRY_RUN ]] || echo "no .whl/ here: run benchmarks/gpu/fetch_wheels.sh first, or have the packages installed" | tee -a "$LOG"
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
-CARD=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)
+CARD=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null |
+  head -1)
+CARD=${CARD:-"no GPU (nvidia-smi found none)"}
 VERSIONS=$("$PY" -c 'import sys, torch; print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda})")' 2>&1)
 echo "card: $CARD; $VERSIONS" | tee -a "$LOG"
 
