@@ -1,75 +1,120 @@
 """Package metadata and the build of csrc/.
 
-csrc/ becomes megatron_ext.ops._C (C++ with ATen and OpenMP, on every machine) and, when torch
-has CUDA and nvcc exists, megatron_ext.ops._C_cuda. A failed build prints one warning and the
-install still succeeds: megatron_ext.ops then serves its PyTorch reference, so a machine without
-a working compiler can still train and test.
+csrc/ becomes megatron_ext.ops._C (C++ with ATen and OpenMP) and, with nvcc and a CUDA torch,
+megatron_ext.ops._C_cuda. A build that fails fails the install with a message naming the
+sources: a silent fallback would train on the slow PyTorch reference. Opt-outs, each its own:
+  MEGATRON_EXT_SKIP_CUDA=1  no CUDA kernels (on a GPU, model.fused_*=auto then uses megatron's)
+  MEGATRON_EXT_SKIP_CPP=1   no C++ kernels (CPU tensors use the PyTorch reference; the unit
+                            tests refuse that)
+Wherever nvcc exists, the build first compiles each csrc/*.cu on its own (torch-free, seconds): a
+broken kernel fails at once with nvcc's error for that file. With a CPU-only torch that check
+is all the CUDA build does.
 """
 
 import glob
 import os
+import shutil
+import subprocess
+import tempfile
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.errors import CompileError
 
 CSRC = "csrc"
-CPU_SOURCES = ["fused_ce_cpu.cpp", "swiglu_cpu.cpp", "bindings_cpu.cpp"]
-CUDA_SOURCES = ["ops_cuda.cpp"] + sorted(os.path.basename(p) for p in glob.glob(f"{CSRC}/*.cu"))
+CPU_SOURCES = [f"{CSRC}/{s}" for s in ("fused_ce_cpu.cpp", "swiglu_cpu.cpp", "bindings_cpu.cpp")]
+CU_SOURCES = sorted(glob.glob(f"{CSRC}/*.cu"))
+CUDA_SOURCES = [f"{CSRC}/ops_cuda.cpp"] + CU_SOURCES
+CPP_EXT, CUDA_EXT = "megatron_ext.ops._C", "megatron_ext.ops._C_cuda"
+SKIP = {CPP_EXT: "MEGATRON_EXT_SKIP_CPP", CUDA_EXT: "MEGATRON_EXT_SKIP_CUDA"}
+
+
+def _skipped(ext: str) -> bool:
+    return os.environ.get(SKIP[ext], "").strip().lower() in ("1", "true", "yes")
+
+
+def _nvcc(cuda_home):
+    """The nvcc the CUDA build would use (torch's CUDA_HOME first), or None."""
+    home = cuda_home or os.environ.get("CUDA_HOME")
+    found = [os.path.join(home, "bin", "nvcc")] if home else []
+    found += [shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"]
+    return next((path for path in found if path and os.path.exists(path)), None)
+
+
+def check_cu_sources(nvcc: str, arch_flags) -> None:
+    """Compile each .cu alone (no torch headers): a failure names its file and nvcc's error."""
+    with tempfile.TemporaryDirectory() as out:
+        for src in CU_SOURCES:
+            cmd = [nvcc, "-std=c++17", "-O3", *arch_flags, f"-I{CSRC}", "-c", src,
+                   "-o", os.path.join(out, os.path.basename(src) + ".o")]
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode != 0:
+                log = "\n".join((run.stdout + run.stderr).strip().splitlines()[-20:])
+                raise CompileError(f"nvcc could not compile {src} (exit {run.returncode}):\n{log}"
+                                   f"\nFix {src}, or set {SKIP[CUDA_EXT]}=1 to install without "
+                                   "the CUDA kernels")
+            print(f"checked {src} with {nvcc}")
+
+
+class NeedTorch(build_ext):
+    """Stands in when torch is not importable at build time (pip's build isolation)."""
+
+    def run(self):
+        raise CompileError("building csrc/ needs torch at build time: install torch first, then "
+                           "`pip install --no-build-isolation -e .`, or set "
+                           f"{'=1 '.join(SKIP.values())}=1 to install without the kernels")
 
 
 def _extensions():
-    """(ext_modules, cmdclass); empty when torch is not importable at build time."""
+    """(ext_modules, cmdclass) for the extensions not opted out."""
+    wanted = [ext for ext in SKIP if not _skipped(ext)]
+    for ext in SKIP:
+        if ext not in wanted:
+            print(f"{SKIP[ext]} is set: {ext} is not built")
     try:
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        print("WARNING: torch is not importable; skipping the csrc/ build (torch reference serves)")
-        return [], {}
+        return ([Extension(CPP_EXT, CPU_SOURCES)], {"build_ext": NeedTorch}) if wanted else ([], {})
 
+    nvcc = _nvcc(cpp_extension.CUDA_HOME) if CUDA_EXT in wanted else None
+    cuda_torch = bool(torch.version.cuda)
+    if CUDA_EXT in wanted and not (nvcc and cuda_torch):
+        wanted.remove(CUDA_EXT)
+        print(f"{CUDA_EXT} is not built: " + (
+            "no nvcc found" if nvcc is None else
+            f"torch {torch.__version__} has no CUDA (its .cu files are compile-checked)"))
     openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
-    cxx = ["-O3"] + openmp
     include = [os.path.abspath(CSRC)]
-    exts = [
-        cpp_extension.CppExtension(
-            "megatron_ext.ops._C",
-            [f"{CSRC}/{s}" for s in CPU_SOURCES],
-            include_dirs=include,
-            extra_compile_args={"cxx": cxx},
-            extra_link_args=openmp,
-        )
-    ]
-    cuda_home = cpp_extension.CUDA_HOME
-    if torch.version.cuda and cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
-        exts.append(
-            cpp_extension.CUDAExtension(
-                "megatron_ext.ops._C_cuda",
-                [f"{CSRC}/{s}" for s in CUDA_SOURCES],
-                include_dirs=include,
-                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
-            )
-        )
+    make = {
+        CPP_EXT: lambda: cpp_extension.CppExtension(
+            CPP_EXT, CPU_SOURCES, include_dirs=include,
+            extra_compile_args={"cxx": ["-O3"] + openmp}, extra_link_args=openmp),
+        CUDA_EXT: lambda: cpp_extension.CUDAExtension(
+            CUDA_EXT, CUDA_SOURCES, include_dirs=include,
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]}),
+    }
 
     class BuildExt(cpp_extension.BuildExtension):
-        """Builds each extension on its own; a failure warns and leaves the torch reference.
+        """Checks the .cu files first, then builds each extension; any failure fails the build
+        naming the sources and the opt-out (the compiler's own error is printed above it)."""
 
-        Failed extensions are dropped from self.extensions, so the in-place copy that editable
-        installs make afterwards does not look for their missing .so files.
-        """
-
-        def build_extensions(self):
-            self._failed = []
-            super().build_extensions()
-            self.extensions = [ext for ext in self.extensions if ext not in self._failed]
+        def run(self):
+            if nvcc is not None:
+                check_cu_sources(nvcc, cpp_extension._get_cuda_arch_flags() if cuda_torch else [])
+            super().run()
 
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
             except Exception as err:  # noqa: BLE001 - any compiler/linker failure
-                self._failed.append(ext)
-                first = str(err).strip().splitlines()[:1] or [""]
-                print(f"WARNING: building {ext.name} failed ({type(err).__name__}: {first[0]}); "
-                      "megatron_ext.ops falls back to the PyTorch reference")
+                first = (str(err).strip().splitlines() or [""])[0]
+                raise CompileError(
+                    f"building {ext.name} from {', '.join(ext.sources)} failed "
+                    f"({type(err).__name__}: {first}); the compiler's error is above. Fix it, "
+                    f"or set {SKIP[ext.name]}=1 to install without it") from err
 
-    return exts, {"build_ext": BuildExt.with_options(use_ninja=True)}
+    return [make[ext]() for ext in wanted], {"build_ext": BuildExt.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extensions()

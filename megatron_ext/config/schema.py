@@ -34,8 +34,10 @@ class ModelConfig:
     norm_epsilon: float = 1.0e-5  # RMSNorm epsilon
     init_method_std: float = 0.02  # weight init std
     dtype: str = one_of("fp32", "bf16")  # parameter/compute dtype
-    fused_loss: bool = True  # fused linear cross-entropy instead of materialised logits
-    fused_swiglu: bool = True  # our SwiGLU kernel that recomputes in backward
+    # auto | true | false: fused linear cross-entropy (auto: off on a GPU without the CUDA build)
+    fused_loss: str = one_of("auto", "true", "false", "True", "False")
+    # auto | true | false: our recomputing SwiGLU (auto: as fused_loss)
+    fused_swiglu: str = one_of("auto", "true", "false", "True", "False")
 
 
 @dataclass

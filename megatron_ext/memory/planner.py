@@ -71,13 +71,19 @@ def _options(cfg: Config, attention: str, spec: str, fused_loss: Optional[bool],
         raise PlanError(f"attention={attention} with parallel.cp={cfg.parallel.cp}: context "
                         "parallelism runs ring attention; pass --attention auto (or ring)")
 
-    def wired(asked: bool, flag: str, override: Optional[bool]) -> bool:
-        return asked if override is None else override
+    def wired(key: str, override: Optional[bool]) -> bool:
+        if override is not None:
+            return override
+        import torch
+
+        from megatron_ext.ops import resolve_fused
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # as the builder would here
+        return resolve_fused(key, getattr(cfg.model, key), device).use
 
     return Options(
         attention=attention, te_spec=spec == "te",
-        fused_loss=wired(cfg.model.fused_loss, "fused_loss", fused_loss),
-        fused_swiglu=wired(cfg.model.fused_swiglu, "fused_swiglu", fused_swiglu),
+        fused_loss=wired("fused_loss", fused_loss),
+        fused_swiglu=wired("fused_swiglu", fused_swiglu),
         sequence_parallel=cfg.parallel.sequence_parallel and cfg.parallel.tp > 1)
 
 

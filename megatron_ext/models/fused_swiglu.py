@@ -1,4 +1,4 @@
-"""Route megatron-core's gated MLP through our swiglu when `model.fused_swiglu=true`.
+"""Route megatron-core's gated MLP through our swiglu when `model.fused_swiglu` resolves to on.
 
 megatron's MLP (0.16.1, transformer/mlp.py) has one path that hands the whole fc1 output
 [..., 2*ffn/tp] (bias already added) to a module: `config.use_te_activation_func=True` with
@@ -9,7 +9,7 @@ chunking it locally is right.
 
 Call from the model builder, after the config and layer spec are made and before GPTModel:
 
-    if cfg.model.fused_swiglu:
+    if resolve_fused("fused_swiglu", cfg.model.fused_swiglu, device_type).use:
         config, layer_spec = apply_fused_swiglu(config, layer_spec)
     model = GPTModel(config=config, transformer_layer_spec=layer_spec, ...)
 

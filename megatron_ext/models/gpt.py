@@ -2,6 +2,7 @@
 in megatron DDP. The layer spec is megatron's: TE's when TE imports on a GPU, else the local one."""
 from __future__ import annotations
 
+import functools
 from typing import List
 
 import torch
@@ -19,6 +20,7 @@ from megatron_ext.models.fused_loss import FusedLossGPTModel, VocabGPTModel
 from megatron_ext.models.fused_swiglu import apply_fused_swiglu
 from megatron_ext.models.attention import RingCoreAttention
 from megatron_ext.models.init import initialize_weights
+from megatron_ext.ops import resolve_fused
 from parallel.topology import Topology
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -113,15 +115,27 @@ def layer_spec(cfg: Config) -> ModuleSpec:
     return spec
 
 
+@functools.lru_cache(maxsize=None)
+def _say_once(line: str) -> None:
+    """Print a line on global rank 0, the first time only (the reference model and the critic
+    build the same layers again)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(line, flush=True)
+
+
 def build_gpt_chunks(cfg: Config, topo: Topology, vocab_size: int) -> List[GPTModel]:
     """Unwrapped GPTModel chunks of this rank, in virtual-stage order, with initial weights
     that depend on cfg.seed only (not on the layout). vocab_size: the real vocab; megatron
     pads it, and the padding never enters the loss."""
     config = transformer_config(cfg, topo)
     spec = layer_spec(cfg)
-    if cfg.model.fused_swiglu:
+    fused_loss, fused_swiglu = (resolve_fused(key, getattr(cfg.model, key), topo.device.type)
+                                for key in ("fused_loss", "fused_swiglu"))
+    for notice in filter(None, (fused_loss.notice, fused_swiglu.notice)):
+        _say_once(notice)
+    if fused_swiglu.use:
         config, spec = apply_fused_swiglu(config, spec)
-    model_class = FusedLossGPTModel if cfg.model.fused_loss else VocabGPTModel
+    model_class = FusedLossGPTModel if fused_loss.use else VocabGPTModel
     padded = padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tp)
     vpp = config.virtual_pipeline_model_parallel_size
     chunks = []

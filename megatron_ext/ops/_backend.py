@@ -1,8 +1,10 @@
 """Which implementation serves megatron_ext.ops: the CUDA extension, the C++ extension or the
-PyTorch reference.
+PyTorch reference; and whether the model uses our fused ops at all (`resolve_fused`).
 
 Extensions load once, at import. A missing or broken build warns in one line and the
-reference serves, so a machine without a compiler still trains (slower, same numbers).
+reference serves, so a machine without a compiler still trains (slower, same numbers). On a
+GPU the reference is slower than megatron's own loss and SwiGLU, so `model.fused_*=auto` uses
+megatron's there instead.
 """
 
 import importlib
@@ -15,7 +17,8 @@ import torch
 from megatron_ext.ops import reference
 
 BACKENDS = ("cuda", "cpp", "torch")
-_FIX = "rebuild with `pip install -e . --no-build-isolation` and read its WARNING line"
+BUILD_COMMAND = "pip install -e . --no-build-isolation"  # builds csrc/ (CUDA too, with nvcc)
+_FIX = f"rebuild with `{BUILD_COMMAND}` and read its error"
 
 
 def _load(name: str):
@@ -31,8 +34,9 @@ if _cpp is None:
     warnings.warn(f"megatron_ext.ops: C++ extension unavailable ({_cpp_err}); CPU tensors use "
                   f"the PyTorch reference; {_FIX}", RuntimeWarning, stacklevel=2)
 if torch.cuda.is_available() and _cuda is None:
-    warnings.warn(f"megatron_ext.ops: CUDA extension unavailable ({_cuda_err}); CUDA tensors use "
-                  f"the PyTorch reference; {_FIX}", RuntimeWarning, stacklevel=2)
+    warnings.warn(f"megatron_ext.ops: CUDA extension unavailable ({_cuda_err}); CUDA tensors "
+                  f"given to these ops use the PyTorch reference; {_FIX}", RuntimeWarning,
+                  stacklevel=2)
 
 
 @dataclass(frozen=True)
@@ -98,3 +102,59 @@ def backend() -> str:
     """The implementation serving fp32 tensors on the default device (CUDA when present)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return kernels_for(torch.empty(0, device=device)).name
+
+
+# model.fused_loss / model.fused_swiglu: what each setting means, and megatron's op that serves
+# when ours does not.
+FUSED_SETTINGS = ("auto", "true", "false")
+_MEGATRON_OP = {"fused_loss": "megatron's vocab-parallel cross-entropy",
+                "fused_swiglu": "megatron's own SwiGLU"}
+
+
+class FusedConfigError(ValueError):
+    """model.fused_*=true where our kernels cannot serve it fast."""
+
+
+@dataclass(frozen=True)
+class FusedChoice:
+    """Whether the model uses our op; `reason` says what serves; `notice` is the one line to
+    print at start when `auto` fell back to megatron's op (empty otherwise)."""
+
+    use: bool
+    reason: str
+    notice: str = ""
+
+
+def resolve_fused(key: str, setting, device_type: str, *,
+                  cuda_built: bool | None = None) -> FusedChoice:
+    """The one reading of model.<key> (fused_loss or fused_swiglu) for a run on device_type.
+
+    CPU: auto = true (C++ kernels, or the PyTorch reference without the C++ build). GPU with
+    the CUDA extension: auto = true. GPU without it: auto uses megatron's op and says so; true
+    is a FusedConfigError naming the build command. `setting` takes auto/true/false in any
+    case or a bool (Hydra turns a typed `true` into "True"); `cuda_built` overrides whether the
+    CUDA extension loaded here (tests).
+    """
+    if key not in _MEGATRON_OP:
+        raise ValueError(f"unknown fused op {key!r}; one of {', '.join(_MEGATRON_OP)}")
+    value = str(setting).lower()
+    if value not in FUSED_SETTINGS:
+        raise FusedConfigError(f"model.{key}={setting!r} is not one of "
+                               f"{', '.join(FUSED_SETTINGS)}; pick one of these")
+    ours = "our fused " + ("linear cross-entropy" if key == "fused_loss" else "SwiGLU")
+    if value == "false":
+        return FusedChoice(False, f"{_MEGATRON_OP[key]} (model.{key}=false)")
+    if device_type != "cuda":
+        impl = "C++ kernels" if _KERNELS["cpp"] is not None else "PyTorch reference (no C++ build)"
+        return FusedChoice(True, f"{ours}, {impl}")
+    built = _KERNELS["cuda"] is not None if cuda_built is None else cuda_built
+    if built:
+        return FusedChoice(True, f"{ours}, CUDA kernels")
+    why = f"the CUDA extension megatron_ext.ops._C_cuda is not built ({_cuda_err or 'absent'})"
+    if value == "true":
+        raise FusedConfigError(f"model.{key}=true on a GPU needs our CUDA kernels, but {why}. "
+                               f"Build it with `{BUILD_COMMAND}` on a machine with nvcc and a "
+                               f"CUDA torch, or set model.{key}=auto to use {_MEGATRON_OP[key]}")
+    reason = f"{_MEGATRON_OP[key]} (model.{key}=auto: {why})"
+    return FusedChoice(False, reason, f"model.{key}=auto uses {reason}; `{BUILD_COMMAND}` "
+                                      f"builds our kernels")
