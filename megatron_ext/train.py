@@ -71,10 +71,26 @@ def build_loop(cfg: Config, topo: topology.Topology, run_dir: str):
     return TrainLoop(cfg, topo, run_dir, Recipe(cfg, topo, log))
 
 
+def refuse_unserved_fused_ops(cfg: Config) -> None:
+    """model.fused_*=true where this machine cannot serve our kernels (a GPU without the CUDA
+    build) is a config error before any process group exists, like the other config mistakes."""
+    import torch
+
+    from megatron_ext.ops import FusedConfigError, resolve_fused
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        for key in ("fused_loss", "fused_swiglu"):
+            resolve_fused(key, getattr(cfg.model, key), device)
+    except FusedConfigError as err:
+        print(f"config error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     overrides = list(sys.argv[1:] if argv is None else argv)
     fused_norms = compat.has_transformer_engine() or compat.has_apex()
     cfg, dims = checked_config(overrides, topology.env_world()[2], have_fused_norms=fused_norms)
+    refuse_unserved_fused_ops(cfg)
     compat.setup(verbose=cfg.logging.verbose)
     topo = topology.initialize(dims, seed=cfg.seed, timeout_s=cfg.parallel.timeout_s)
     run_dir = resolve_run_dir(cfg, topo)

@@ -68,3 +68,21 @@ def test_the_config_takes_auto_true_false_and_refuses_the_rest():
         assert resolve_fused("fused_loss", cfg.model.fused_loss, "cpu").use is (value != "false")
     with pytest.raises(ConfigError, match=r"model.fused_swiglu='on' is not one of auto, true"):
         validate(compose_config(["model.fused_swiglu=on"]), 1)
+
+
+def test_fused_true_on_a_gpu_without_the_cuda_build_is_a_config_error(monkeypatch, capsys):
+    """The entry point refuses it before any process group exists, exit 2, one line."""
+    import torch
+
+    from megatron_ext.config.load import compose_config
+    from megatron_ext.ops import _backend
+    from megatron_ext.train import refuse_unserved_fused_ops
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(_backend._KERNELS, "cuda", None)
+    refuse_unserved_fused_ops(compose_config(["model.fused_loss=auto"]))  # auto falls back
+    with pytest.raises(SystemExit) as stop:
+        refuse_unserved_fused_ops(compose_config(["model.fused_swiglu=true"]))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("config error: model.fused_swiglu=true on a GPU")
