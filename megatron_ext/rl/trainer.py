@@ -26,7 +26,7 @@ from megatron_ext.data.task import ArithmeticTask
 from megatron_ext.models.gpt import build_gpt_chunks
 from megatron_ext.rl.advantages import gae, grpo_advantages, whiten
 from megatron_ext.rl.buffer import TrajectoryBuffer
-from megatron_ext.models.critic import HEAD, build_critic, critic_config
+from megatron_ext.models.critic import HEAD, build_critic
 from megatron_ext.rl.evaluation import heldout_accuracy
 from megatron_ext.rl.experience import PromptPool, collect, rollout_stats
 from megatron_ext.rl.filtering import PassRateHistory
@@ -38,7 +38,6 @@ from megatron_ext.rl.objective import (POLICY_MAXES, POLICY_SUMS, VALUE_SUMS, Po
 from megatron_ext.rl.rewards import CombinedReward
 from megatron_ext.models.generate import SamplingParams
 from megatron_ext.rl.rows import Rows, last_token_rewards, micro_batches, rows_from_groups
-from megatron_ext.rl.weights import checked_source, load_weights, model_shape
 from megatron_ext.training import checkpoint
 from megatron_ext.training.metrics import sum_to_all
 from megatron_ext.training.trainer import Trainer, _guarded_step
@@ -53,23 +52,6 @@ def _max_to_all(values: List[float], contribute: bool) -> List[float]:
 
 class _GuardStop(Exception):
     """The regression guard ended the run (rl.action=stop)."""
-
-
-class _CriticCheckpoint:
-    """The critic as checkpoint.save/load see a trainer: its chunks, optimizer and the step.
-    Its checkpoints live in checkpoints/critic/ and are written before the policy's, so every
-    committed policy checkpoint has its critic."""
-
-    def __init__(self, trainer: "RLTrainer"):
-        self.cfg, self.topo = critic_config(trainer.cfg), trainer.topo
-        self.model, self.optimizer = trainer.critic, trainer.critic_optimizer
-        self.vocab_size, self.step = trainer.vocab_size, trainer.step
-
-    def train_state(self) -> Dict:
-        return {"step": self.step}
-
-    def load_train_state(self, state: Dict) -> None:
-        """The policy's checkpoint holds the run's state."""
 
 
 class RLTrainer(Trainer):
@@ -99,6 +81,10 @@ class RLTrainer(Trainer):
         self.critic = self.critic_optimizer = None
         if rl.algorithm == "ppo":
             self.critic, self.critic_optimizer = build_critic(cfg, topo, self.vocab_size)
+            critic = checkpoint.ModelPart(self.critic, prefix="critic.")
+            self.checkpoints = self._checkpoint_manager(  # one save holds policy and critic
+                critic=critic,
+                critic_optimizer=checkpoint.OptimizerPart(self.critic_optimizer, critic))
         self.guard = RegressionGuard(rl.margin, rl.action)
         self.version = 0  # policy updates so far: the buffer's policy version
         self._last_eval: Optional[Dict] = None
@@ -126,42 +112,31 @@ class RLTrainer(Trainer):
         for group in self.optimizer.param_groups:
             group["max_lr"], group["min_lr"] = t.lr * scale, t.min_lr * scale
 
-    def _critic_path(self, policy_path: str) -> str:
-        return os.path.join(os.path.dirname(policy_path), "critic", os.path.basename(policy_path))
-
-    def save(self, tag: Optional[str] = None, background: bool = False) -> str:
-        if self.critic is not None:  # before the policy's, which moves `latest`
-            self.finish_saves()
-            checkpoint.save(_CriticCheckpoint(self), os.path.join(self.ckpt_root, "critic"),
-                            tag=tag, keep=self.cfg.train.keep_checkpoints)
-        return super().save(tag, background)
-
-    def _load(self, path: str) -> None:
-        """Policy, optimizer and RL state from one of this run's checkpoints (critic too)."""
-        if self.critic is not None:
-            checkpoint.load(_CriticCheckpoint(self), self._critic_path(path), self._log)
-        checkpoint.load(self, path, self._log)
-
     def resume(self) -> None:
         """This run's latest checkpoint (train.resume), else the SFT weights of
         rl.init_checkpoint; then the reference weights, and at step 0 the baseline eval."""
-        path = self._resume_path()
+        ckpt = self.checkpoints
+        path = ckpt.resume_path(self.cfg.train.resume)
         if path is not None:
-            self._load(path)
+            ckpt.load(path)
             self.metrics.truncate_after(self.step)
             self._log(f"resumed from {path} at step {self.step}")
         init = self.rl.init_checkpoint
         if path is None or self.reference is not None:
-            checked_source(init, model_shape(self.cfg, self.vocab_size), self.topo.rank)
+            problem = ckpt.verify(init)
+            if problem is not None:
+                raise checkpoint.CheckpointError(f"rl.init_checkpoint={init!r} is unusable: "
+                                                 f"{problem}")
         if path is None:
-            load_weights(self.model, init)
+            ckpt.load(init, only=("model",))
             self.optimizer.reload_model_params()
             if self.critic is not None:  # the SFT trunk, a fresh value head
-                load_weights(self.critic, init, skip=lambda key: key.startswith(HEAD))
+                trunk = checkpoint.ModelPart(self.critic, skip=lambda key: key.startswith(HEAD))
+                ckpt.load(init, only=("model",), parts={"model": trunk})
                 self.critic_optimizer.reload_model_params()
             self._log(f"policy initialised from {init} (weights only)")
         if self.reference is not None:
-            load_weights(self.reference, init)
+            ckpt.load(init, only=("model",), parts={"model": checkpoint.ModelPart(self.reference)})
         if self.step == 0:
             rec = self._log_eval()
             if self.rl.eval_interval:
@@ -455,17 +430,16 @@ class RLTrainer(Trainer):
         g.best_path = os.path.join(self.ckpt_root, f"best_{self.step:08d}")
         self.save(tag="best")
         if self.topo.rank == 0:  # only the newest best is kept
-            for root in (self.ckpt_root, os.path.join(self.ckpt_root, "critic")):
-                for name in os.listdir(root) if os.path.isdir(root) else []:
-                    if name.startswith("best_") and name != os.path.basename(g.best_path):
-                        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            for name in os.listdir(self.ckpt_root):
+                if name.startswith("best_") and name != os.path.basename(g.best_path):
+                    shutil.rmtree(os.path.join(self.ckpt_root, name), ignore_errors=True)
 
     def _restore_best(self, rec: Dict) -> None:
         """Back to the best weights and optimizer state; the step, schedule, pass-rate history
         and counters go on. Then halve the LR, or stop."""
         g = self.guard
         keep = self.train_state()
-        self._load(g.best_path)
+        self.checkpoints.load(g.best_path)
         self.load_train_state(keep)
         g.restores += 1
         if self.rl.action == "halve_lr":

@@ -105,10 +105,7 @@ class Trainer:
         self.skipped_steps = 0  # non-finite steps skipped in total
         self.bad_in_a_row = 0
         self.ckpt_root = os.path.join(run_dir, "checkpoints")
-        self.background_saves = None  # train.async_save: megatron's queue of in-flight writes
-        if cfg.train.async_save:
-            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-            self.background_saves = AsyncCallsQueue()
+        self.checkpoints = self._checkpoint_manager()
         is_log = topo.is_logging_rank
         self.metrics = MetricsWriter(run_dir, is_log)
         self.logger = build_logger(cfg, run_dir, is_log)
@@ -233,35 +230,28 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.skipped_steps = state["skipped_steps"]
 
-    def _resume_path(self) -> Optional[str]:
-        """Chosen by rank 0 (it verifies checksums) and shared, so all ranks agree."""
-        mode = self.cfg.train.resume
-        chosen: List[Optional[str]] = [None]
-        if self.topo.rank == 0 and mode != "none":
-            if mode == "auto":
-                chosen[0] = checkpoint.find_resumable(self.ckpt_root, self._log)
-                if chosen[0] is None and checkpoint.list_checkpoints(self.ckpt_root):
-                    chosen[0] = (f"error: train.resume=auto found checkpoints in "
-                                 f"{self.ckpt_root} but none is usable (see above)")
-            else:
-                problem = checkpoint.verify(mode)
-                if problem is not None:
-                    chosen[0] = f"error: train.resume={mode!r} is unusable: {problem}"
-                else:
-                    chosen[0] = mode
-        dist.broadcast_object_list(chosen, src=0, group=dist.group.WORLD)
-        if chosen[0] is not None and chosen[0].startswith("error: "):
-            raise checkpoint.CheckpointError(
-                chosen[0][len("error: "):] + "; give a complete checkpoint as train.resume=PATH, "
-                "or train.resume=none to start over")
-        return chosen[0]
+    # the checkpoint manager's view of the trainer (a stateful)
+    def state_dict(self) -> Dict:
+        return self.train_state()
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.load_train_state(state)
+
+    def _checkpoint_manager(self, **extra_parts) -> checkpoint.CheckpointManager:
+        model = checkpoint.ModelPart(self.model)
+        parts = {"model": model, "optimizer": checkpoint.OptimizerPart(self.optimizer, model),
+                 **extra_parts}
+        return checkpoint.CheckpointManager(
+            self.ckpt_root, self.topo, keep=self.cfg.train.keep_checkpoints, sharded=parts,
+            states={"train": self}, log=self._log, async_save=self.cfg.train.async_save,
+            shape=checkpoint.model_shape(self.cfg.model, self.vocab_size, self.model))
 
     def resume(self) -> None:
-        path = self._resume_path()
+        path = self.checkpoints.resume_path(self.cfg.train.resume)
         if path is None:
             self.metrics.truncate_after(self.step)  # a restart before the first checkpoint
             return
-        checkpoint.load(self, path, self._log)
+        self.checkpoints.load(path)
         self.metrics.truncate_after(self.step)
         self._log(f"resumed from {path} at step {self.step} "
                   f"({self.sampler.consumed_samples} samples consumed)")
@@ -270,20 +260,12 @@ class Trainer:
         """Save now; with background=True and train.async_save a step checkpoint returns once
         the writer process has the state, and is committed (and logged) when it is done.
         Tagged checkpoints (bad-state, best) are always written before this returns."""
-        self.finish_saves()  # one save in flight at a time
-        queue = self.background_saves if background and tag is None else None
-        path = checkpoint.save(self, self.ckpt_root, tag=tag, keep=self.cfg.train.keep_checkpoints,
-                               background=queue,
-                               on_commit=lambda done: self._log(f"saved checkpoint {done}"))
-        if queue is not None:
-            self._log(f"saving checkpoint {path} in the background")
-        return path
+        return self.checkpoints.save(self.step, tag=tag, background=background)
 
     def finish_saves(self, wait: bool = True) -> None:
         """Commit the background saves that are done (all of them, waiting, with `wait`); on
         every rank at the same point, as it synchronises them."""
-        if self.background_saves is not None:
-            self.background_saves.maybe_finalize_async_calls(blocking=wait)
+        self.checkpoints.finish(wait)
 
     def _stop_for_preemption(self, signum: int, last_save: int) -> None:
         """USR1 (SLURM's warning before preemption or the time limit): save and exit with the
