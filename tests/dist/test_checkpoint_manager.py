@@ -10,7 +10,10 @@ corrupt checkpoint by name.
 Four processes: resuming on another TP with the default (byte) vocab, whose padded rows change
 (TP1: 384, TP2 and TP4: 512): the real rows of the weights and of the Adam moments are the saved
 ones, the padding rows are zero, every other tensor is equal, and training goes on (finite
-losses); with megatron's optimizer and with its distributed optimizer."""
+losses); on the same layout the next step's loss is the uninterrupted run's to the bit. With
+megatron's optimizer and with its distributed optimizer (whose fresh-optimizer load needs
+compat/dist_optimizer.py on torch's Adam). The cross-layout loss equality waits for padding to
+leave the loss (the padded rows take part in the softmax until then)."""
 import json
 import math
 import os
@@ -225,7 +228,17 @@ def test_ranks_hash_the_manifest_one_process_would_write(policy_critic):
 LAYOUT_BASE = TINY + ["model.num_query_groups=4", "train.steps=6"]
 
 
-def _reshard_worker(rank, world_size, out, optimizer_overrides):
+OPTIMIZERS = {"adam": [], "distributed-adam": ["parallel.use_distributed_optimizer=true"]}
+
+
+def _reshard_worker(rank, world_size, root):
+    for name, overrides in OPTIMIZERS.items():
+        out = os.path.join(root, name)
+        os.makedirs(out, exist_ok=True)
+        _reshard_layouts(rank, world_size, out, overrides)
+
+
+def _reshard_layouts(rank, world_size, out, optimizer_overrides):
     from megatron.core import parallel_state as ps
 
     from megatron_ext import compat
@@ -249,23 +262,27 @@ def _reshard_worker(rank, world_size, out, optimizer_overrides):
     t.train_step()
     t.train_step()
     res["padded"] = {"tp1": t.model[0].module.vocab_size}
-    saved_tp1 = t.save()
+    res["tp1_saved"] = source = t.save()
+    tp1_weights = gather_full_state(t.model, topo)
+    res["losses"]["tp1"] = t.train_step()["loss"]  # the uninterrupted next step
+    if rank == 0:
+        torch.save(tp1_weights, os.path.join(out, "tp1_saved.pt"))
     ps.destroy_model_parallel()
 
-    for name, tp, source in (("tp2", 2, saved_tp1), ("tp4", 4, None)):
+    # the same layout (exact), then TP2 from TP1's step 2, then TP4 from TP2's step 3
+    for name, tp in (("tp1_resumed", 1), ("tp2", 2), ("tp4", 4)):
         t, topo = trainer(name, tp)
         t.checkpoints.log = res["logs"].append
         t.checkpoints.load(source)
         res["padded"][name] = t.model[0].module.vocab_size
         loaded = gather_full_state(t.model, topo)
-        resaved = t.save()  # the state as loaded, at this layout's padding
+        res[f"{name}_source"], res[f"{name}_resaved"] = source, t.save()  # as loaded
         res["losses"][name] = t.train_step()["loss"]
-        source = t.save()  # step 3: what the next layout loads
+        if name != "tp1_resumed":
+            source = t.save()  # step 3: what the next layout loads
         if rank == 0:
             torch.save(loaded, os.path.join(out, f"{name}_loaded.pt"))
-            res[f"{name}_resaved"], res[f"{name}_next"] = resaved, source
         ps.destroy_model_parallel()
-    res["tp1_saved"] = saved_tp1
     if rank == 0:
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(res, f)
@@ -287,29 +304,38 @@ def _compare_rows(old, new):
     return repadded
 
 
-@pytest.mark.parametrize("optimizer", [[], ["parallel.use_distributed_optimizer=true"]],
-                         ids=["adam", "distributed-adam"])
-def test_resume_on_another_tp_drops_or_adds_vocab_padding(tmp_path, optimizer):
-    out = str(tmp_path)
-    run_distributed(_reshard_worker, 4, out, optimizer)
+@pytest.fixture(scope="module")
+def resharded(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("reshard"))
+    run_distributed(_reshard_worker, 4, root)
+    return root
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_resume_on_another_tp_drops_or_adds_vocab_padding(resharded, tmp_path, optimizer):
+    out = os.path.join(resharded, optimizer)
     res = json.load(open(os.path.join(out, "result.json")))
-    assert res["padded"] == {"tp1": 384, "tp2": 512, "tp4": 512}
+    assert res["padded"] == {"tp1": 384, "tp1_resumed": 384, "tp2": 512, "tp4": 512}
     assert any("tp 1 -> 2" in l and "padded vocab 384 -> 512 rows" in l for l in res["logs"])
-    for name, source in (("tp2", res["tp1_saved"]), ("tp4", res["tp2_next"])):
-        before = _full(source, str(tmp_path / f"{name}_before.pt"))
+    # on the same layout the next step is the uninterrupted run's, to the bit
+    assert res["losses"]["tp1_resumed"] == res["losses"]["tp1"]
+    for name in ("tp1_resumed", "tp2", "tp4"):
+        before = _full(res[f"{name}_source"], str(tmp_path / f"{name}_before.pt"))
         after = _full(res[f"{name}_resaved"], str(tmp_path / f"{name}_after.pt"))
         repadded = _compare_rows(before, after)
         if name == "tp2":  # weights and both Adam moments of the embedding and output layer
             kinds = {k.split(".")[2] if k.startswith("optimizer.") else k for k in repadded}
             assert {"embedding.word_embeddings.weight", "output_layer.weight", "exp_avg",
                     "exp_avg_sq"} <= kinds, repadded
-        else:  # 512 rows at TP2 and TP4: nothing to repad
+        else:  # the same layout; 512 rows at TP2 and TP4: nothing to repad
             assert repadded == []
         assert math.isfinite(res["losses"][name])
     # the gathered weights the TP2 model holds equal the TP1 ones on the real rows
-    tp1 = _full(res["tp1_saved"], str(tmp_path / "tp1.pt"))
+    tp1 = torch.load(os.path.join(out, "tp1_saved.pt"), weights_only=True)
     loaded = torch.load(os.path.join(out, "tp2_loaded.pt"), weights_only=True)
+    assert loaded.keys() == tp1.keys()
     for k, v in loaded.items():
-        saved = tp1[k]
-        rows = VOCAB if v.shape[0] == 512 else v.shape[0]
-        assert torch.equal(v[:rows], saved[:rows]), k
+        if v.shape == tp1[k].shape:
+            assert torch.equal(v, tp1[k]), k
+        else:  # 384 -> 512 rows
+            assert torch.equal(v[:VOCAB], tp1[k][:VOCAB]) and not v[VOCAB:].any(), k
