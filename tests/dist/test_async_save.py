@@ -25,7 +25,6 @@ def _worker(rank, world_size, run_dir, out):
     from parallel import topology
 
     compat.setup()
-    from megatron_ext.training import checkpoint
     from megatron_ext.training.trainer import Trainer
 
     cfg = compose_config(BASE + [f"run.dir={run_dir}"])
@@ -54,9 +53,9 @@ def _worker(rank, world_size, run_dir, out):
     total_s = time.perf_counter() - start
     FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(real_write)
 
-    committed = checkpoint.verify(path)
+    committed = trainer.checkpoints.verify(path)
     latest = open(os.path.join(trainer.ckpt_root, "latest")).read().strip()
-    checkpoint.load(trainer, path, print)
+    trainer.checkpoints.load(path)
     loaded = gather_full_state(trainer.model, topo)
     if rank == 0:
         diff_saved = max((loaded[k] - at_save[k]).abs().max().item() for k in at_save)

@@ -58,10 +58,11 @@ def _worker(rank, world_size, run_dir, out):
     result["bad_state"] = bad if os.path.isdir(bad) else None
     result["bad_state_problem"] = checkpoint.verify(bad) if os.path.isdir(bad) else None
     result["listing"] = sorted(os.listdir(root)) if os.path.isdir(root) else []
-    result["auto_resume_picks"] = checkpoint.find_resumable(root, lambda m: None)
+    result["auto_resume_picks"] = trainer.checkpoints.resume_path("auto")
     if result["bad_state"]:
-        state = json.load(open(os.path.join(bad, checkpoint.TRAIN_STATE)))
-        result["bad_state_train_state"] = {k: state[k] for k in ("step", "skipped_steps")}
+        state = checkpoint.read_train_state(bad)
+        result["bad_state_train_state"] = {"step": state["step"],
+                                           "skipped_steps": state["train"]["skipped_steps"]}
     ps.destroy_model_parallel()
     with open(out, "w") as f:
         json.dump(result, f)
