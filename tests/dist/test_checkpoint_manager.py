@@ -5,14 +5,15 @@ two optimizers with Adam state) in ONE checkpoint; a full load into fresh models
 tensor and the states; load(only=("model",)) restores the policy only; the policy's trunk loads
 into a fresh critic (parts=, skip= its value head). The manifest the ranks hash together equals
 one process's; shared verification gives every rank the same verdict and auto-resume skips a
-corrupt checkpoint by name.
+corrupt checkpoint by name. A checkpoint saved before the optimizers' first step (RL's step-0
+best) loads into stepped optimizers, and the same step from it gives the same weights.
 
 Four processes: resuming on another TP with the default (byte) vocab, whose padded rows change
 (TP1: 384, TP2 and TP4: 512): the real rows of the weights and of the Adam moments are the saved
 ones, the padding rows are zero, every other tensor is equal, and training goes on (finite
 losses); on the same layout the next step's loss is the uninterrupted run's to the bit. With
 megatron's optimizer and with its distributed optimizer (whose fresh-optimizer load needs
-compat/dist_optimizer.py on torch's Adam). The cross-layout loss equality waits for padding to
+compat/optimizer_state.py on torch's Adam). The cross-layout loss equality waits for padding to
 leave the loss (the padded rows take part in the softmax until then)."""
 import json
 import math
@@ -91,9 +92,10 @@ def _policy_critic_worker(rank, world_size, out):
     logs, res = [], {}
 
     policy, popt, critic, copt = _policy_and_critic(cfg, topo, VOCAB)
+    mgr = _manager(root, topo, cfg, policy, popt, critic, copt, _Counter(7), logs)
+    best = mgr.save(0, tag="best")  # before the optimizers' first step: no Adam state yet
     _fake_step(policy, popt, 1)
     _fake_step(critic, copt, 2)
-    mgr = _manager(root, topo, cfg, policy, popt, critic, copt, _Counter(7), logs)
     path = mgr.save(3)
     saved = {"policy": gather_full_state(policy, topo), "critic": gather_full_state(critic, topo)}
 
@@ -143,8 +145,13 @@ def _policy_critic_worker(rank, world_size, out):
         res["explicit"] = "no error"
     except CheckpointError as err:
         res["explicit"] = str(err)
+    # back to the step-0 checkpoint: the same step again gives the same weights
+    mgr.load(best)
+    _fake_step(policy, popt, 1)
+    _fake_step(critic, copt, 2)
+    again = {"policy": gather_full_state(policy, topo), "critic": gather_full_state(critic, topo)}
     if rank == 0:
-        torch.save({"saved": saved, "got": got, "only_model": only_model,
+        torch.save({"saved": saved, "got": got, "only_model": only_model, "again": again,
                     "fresh_critic": fresh_critic, "trunk": trunk},
                    os.path.join(out, "states.pt"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
@@ -174,7 +181,8 @@ def test_policy_and_critic_share_one_checkpoint_and_load_back(policy_critic, tmp
     out = policy_critic
     root = os.path.join(out, "run", "checkpoints")
     path = os.path.join(root, "step_00000003")
-    assert sorted(os.listdir(root)) == ["latest", "step_00000003", "step_00000005"]
+    assert sorted(os.listdir(root)) == ["best_00000000", "latest", "step_00000003",
+                                        "step_00000005"]
     tensors = _full(path, str(tmp_path / "a.pt"))
     critic_keys = [k for k in tensors if k.startswith("critic.")]
     policy_keys = {k for k in tensors if not k.startswith(("critic.", "optimizer."))}
@@ -191,6 +199,7 @@ def test_policy_and_critic_share_one_checkpoint_and_load_back(policy_critic, tmp
     s = torch.load(os.path.join(out, "states.pt"), weights_only=True)
     for which in ("policy", "critic"):
         assert _equal(s["got"][which], s["saved"][which]) == []
+        assert _equal(s["again"][which], s["saved"][which]) == []  # restored step 0 = fresh
     assert _equal(s["only_model"], s["saved"]["policy"]) == []
     trunk_keys = [k for k in s["trunk"] if not k.startswith("output_layer.")]
     assert trunk_keys and all(torch.equal(s["trunk"][k], s["saved"]["policy"][k])

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Sequence
 
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-from megatron_ext.compat.dist_optimizer import fill_fresh_adam_state, load_dist_optimizer
+from megatron_ext.compat.optimizer_state import fill_fresh_adam_state, load_optimizer_state
 from megatron_ext.training.checkpoint.errors import CheckpointError
 
 # Shape keys a checkpoint must share with the model that loads it, beside the vocab.
@@ -82,14 +82,13 @@ class OptimizerPart:
         self.optimizer, self.model_part = optimizer, model_part
 
     def sharded_state_dict(self, is_loading: bool) -> Dict:
-        if is_loading:
-            fill_fresh_adam_state(self.optimizer)
+        fill_fresh_adam_state(self.optimizer)  # a checkpoint always holds Adam state
         return self.optimizer.sharded_state_dict(
             self.model_part.model_sharded_state_dict(), is_loading=is_loading,
             metadata=_OPTIM_METADATA)
 
     def load_sharded_state_dict(self, loaded: Dict) -> None:
-        load_dist_optimizer(self.optimizer, loaded)  # megatron's load_state_dict, mended
+        load_optimizer_state(self.optimizer, loaded)  # megatron's load_state_dict, mended
 
 
 def zero_vocab_padding(sharded, loaded, vocab_size: int) -> None:
