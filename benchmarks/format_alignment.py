@@ -32,8 +32,8 @@ Each SFT run is one process (TP=1) with OMP_NUM_THREADS=--threads (1: two thread
 ran 3-10x slower while other jobs shared the two cores).
 
 Metric: held-out answer accuracy by greedy generation (megatron_ext.models.generate.generate on the
-final checkpoint, loaded with megatron_ext.rl.weights.load_weights into the model the trainer
-builds), judged by the task verifier rl.rewards.task_correct: the integer on the last `A: <int>`
+final checkpoint, loaded with the CheckpointManager's load(only=("model",)) into the model the
+trainer builds), judged by the task verifier rl.rewards.task_correct: the integer on the last `A: <int>`
 line equals the answer. This is fair to every style because all four render() styles end with the
 same `A: <answer>` line: verbose says "Therefore, the final answer is N." and then "A: N", latex
 puts its steps in $$...$$ but writes the answer line as plain "A: N" (no \\boxed{}), coarse is one
@@ -196,7 +196,6 @@ def evaluate(args, results: List[Dict]) -> None:
     from megatron_ext.models.gpt import build_gpt_chunks
     from megatron_ext.rl.experience import PromptPool
     from megatron_ext.models.generate import SamplingParams, generate
-    from megatron_ext.rl.weights import checked_source, load_weights, model_shape
     from megatron_ext.config.load import checked_config
     from megatron_ext.training import checkpoint
     from parallel import topology
@@ -216,9 +215,15 @@ def evaluate(args, results: List[Dict]) -> None:
         params = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, stop=STOP)
         reference = os.path.join(args.out, "data", "reference.jsonl")
         for r in results:
-            ckpt = checkpoint.list_checkpoints(os.path.join(r["run_dir"], "checkpoints"))[0][1]
-            checked_source(ckpt, model_shape(cfg, vocab_size), topo.rank)
-            load_weights(chunks, ckpt)
+            root = os.path.join(r["run_dir"], "checkpoints")
+            ckpt = checkpoint.list_checkpoints(root)[0][1]
+            weights = checkpoint.CheckpointManager(
+                root, topo, keep=1, sharded={"model": checkpoint.ModelPart(chunks)}, states={},
+                shape=checkpoint.model_shape(cfg.model, vocab_size, chunks), log=print)
+            problem = weights.verify(ckpt)
+            if problem is not None:
+                raise checkpoint.CheckpointError(f"{ckpt} is unusable: {problem}")
+            weights.load(ckpt, only=("model",))
             started = time.perf_counter()
             texts = []
             for i in range(0, len(pool), args.gen_batch):

@@ -26,12 +26,6 @@ from parallel.topology import Topology
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-# Shape keys a checkpoint must share with the model that loads it (the padded vocab may differ:
-# it follows parallel.tp, and padding rows never reach a softmax).
-SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-              "kv_channels", "ffn_hidden_size", "tie_embeddings")
-
-
 def model_vocab_size(cfg: Config, tokenizer) -> int:
     """model.vocab_size, or the tokenizer's when it is 0; never fewer rows than tokens."""
     vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
@@ -40,11 +34,6 @@ def model_vocab_size(cfg: Config, tokenizer) -> int:
                          f"model.vocab_size={vocab_size}; raise model.vocab_size or set it to 0 "
                          "to follow the tokenizer")
     return vocab_size
-
-
-def model_shape(cfg: Config, vocab_size: int) -> dict:
-    """What a checkpoint records of the model, for the shape check of whoever loads it."""
-    return {k: getattr(cfg.model, k) for k in SHAPE_KEYS} | {"vocab_size": vocab_size}
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:

@@ -24,7 +24,7 @@ from megatron_ext.data.task import ArithmeticTask
 from megatron_ext.data.tokenizer import build_tokenizer
 from megatron_ext.models.critic import HEAD, build_critic, critic_config
 from megatron_ext.models.generate import SamplingParams
-from megatron_ext.models.gpt import build_gpt_chunks, build_model, model_shape, model_vocab_size
+from megatron_ext.models.gpt import build_gpt_chunks, build_model, model_vocab_size
 from megatron_ext.rl.algorithms import explained_variance, get_algorithm
 from megatron_ext.rl.buffer import TrajectoryBuffer
 from megatron_ext.rl.evaluation import heldout_accuracy
@@ -38,6 +38,7 @@ from megatron_ext.rl.objective import (POLICY_METRICS, VALUE_METRICS, PolicySett
 from megatron_ext.rl.rewards import CombinedReward
 from megatron_ext.rl.rows import Rows, micro_batches, rows_from_groups
 from megatron_ext.training import collectives
+from megatron_ext.training.checkpoint import CheckpointError, ModelPart, model_shape
 from megatron_ext.training.engine import ModelUnit, trained_unit
 from megatron_ext.training.heldout import heldout_lm
 
@@ -55,10 +56,10 @@ class RLRecipe:
         rl = cfg.rl
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         self.vocab_size = model_vocab_size(cfg, self.tokenizer)
-        self.shape = model_shape(cfg, self.vocab_size)
         self.algorithm = get_algorithm(rl.algorithm)
         self.policy = trained_unit("model", cfg, topo, build_model(cfg, topo, self.vocab_size))
         self.units: Dict[str, ModelUnit] = {"model": self.policy}
+        self.shape = model_shape(cfg.model, self.vocab_size, self.policy.chunks)
         self.critic = self.reference = None
         if self.algorithm.uses_critic:
             self.critic = trained_unit("critic", critic_config(cfg), topo,
@@ -106,13 +107,22 @@ class RLRecipe:
         """A fresh run takes the SFT weights of rl.init_checkpoint (the critic its trunk, with
         a fresh value head); the reference always does."""
         init = self.rl.init_checkpoint
-        if not resumed:
-            checkpoints.load_weights(init, self.policy)
-            if self.critic is not None:
-                checkpoints.load_weights(init, self.critic, skip=lambda key: key.startswith(HEAD))
-            self.log(f"policy initialised from {init} (weights only)")
+        starting = [] if resumed else [(self.policy, None)]
+        if self.critic is not None and not resumed:
+            starting.append((self.critic, lambda key: key.startswith(HEAD)))
         if self.reference is not None:
-            checkpoints.load_weights(init, self.reference)
+            starting.append((self.reference, None))
+        if not starting:
+            return
+        problem = checkpoints.verify(init)
+        if problem is not None:
+            raise CheckpointError(f"rl.init_checkpoint={init!r} is unusable: {problem}")
+        for unit, skip in starting:  # weights only: optimizer state, step and schedule stay
+            checkpoints.load(init, only=("model",), parts={"model": ModelPart(unit.chunks, skip=skip)})
+            if unit.optimizer is not None:
+                unit.optimizer.reload_model_params()
+        if not resumed:
+            self.log(f"policy initialised from {init} (weights only)")
 
     # -- one step ---------------------------------------------------------------------------
     def train_step(self, step: int, inspect_grads=None) -> Dict:

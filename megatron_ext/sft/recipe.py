@@ -9,7 +9,8 @@ import torch
 from megatron_ext.data.dataset import build_rows
 from megatron_ext.data.sampler import GlobalBatchSampler
 from megatron_ext.data.tokenizer import build_tokenizer
-from megatron_ext.models.gpt import build_model, model_shape, model_vocab_size
+from megatron_ext.models.gpt import build_model, model_vocab_size
+from megatron_ext.training.checkpoint import model_shape
 from megatron_ext.training.engine import metrics, trained_unit
 from megatron_ext.training.heldout import heldout_lm
 
@@ -38,7 +39,7 @@ class SFTRecipe:
                           if cfg.data.source == "task" or cfg.data.valid_path else None)
         self.policy = trained_unit("model", cfg, topo, build_model(cfg, topo, self.vocab_size))
         self.units = {"model": self.policy}
-        self.shape = model_shape(cfg, self.vocab_size)
+        self.shape = model_shape(cfg.model, self.vocab_size, self.policy.chunks)
         t = cfg.train
         self.sampler = GlobalBatchSampler(len(self.train_rows), t.global_batch_size,
                                           t.micro_batch_size, topo.dp_rank, topo.dims.dp, cfg.seed)

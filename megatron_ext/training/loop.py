@@ -78,7 +78,6 @@ class TrainLoop:
         self.skipped_steps = 0  # non-finite steps skipped in total
         self.bad_in_a_row = 0
         self.last_eval: Optional[Dict] = None
-        self.last_save = 0  # the step of the newest checkpoint
         self.checkpoints = CheckpointManager(
             os.path.join(run_dir, "checkpoints"), topo, keep=t.keep_checkpoints,
             sharded=checkpoint_parts(recipe.units), states={"loop": self, **recipe.states()},
@@ -131,7 +130,6 @@ class TrainLoop:
         path = self.checkpoints.resume_path(self.cfg.train.resume)
         if path is not None:
             self.checkpoints.load(path)
-            self.last_save = self.step
             self.log(f"resumed from {path} at step {self.step}")
         self.metrics.truncate_after(self.step)  # a restart logs the later steps again, once
         self.recipe.start(resumed=path is not None, checkpoints=self.checkpoints)
@@ -151,10 +149,7 @@ class TrainLoop:
                      + self.recipe.progress(rec))
 
     def save(self, tag: Optional[str] = None, background: bool = False) -> str:
-        path = self.checkpoints.save(self.step, tag=tag, background=background)
-        if tag is None:
-            self.last_save = self.step
-        return path
+        return self.checkpoints.save(self.step, tag=tag, background=background)
 
     def count_skips(self, applied: bool) -> None:
         self.bad_in_a_row = 0 if applied else self.bad_in_a_row + 1
@@ -180,7 +175,7 @@ class TrainLoop:
         if not signum:
             return
         self.checkpoints.finish()
-        if self.last_save != self.step:
+        if self.checkpoints.last_saved_step != self.step:
             self.save()
         self.logger.finish()
         requeue = signum == signal.SIGUSR1
@@ -206,7 +201,7 @@ class TrainLoop:
 
     def finish(self) -> Dict:
         """The last save and the final eval (unless this step's is already done)."""
-        if self.cfg.train.save_interval and self.last_save != self.step:
+        if self.cfg.train.save_interval and self.checkpoints.last_saved_step != self.step:
             self.save()
         self.checkpoints.finish()
         if self.last_eval is None or self.last_eval["step"] != self.step:

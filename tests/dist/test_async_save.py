@@ -25,16 +25,21 @@ def _worker(rank, world_size, run_dir, out):
     from parallel import topology
 
     compat.setup()
-    from megatron_ext.training import checkpoint
-    from megatron_ext.training.trainer import Trainer
+    from megatron_ext.train import build_loop
 
     cfg = compose_config(BASE + [f"run.dir={run_dir}"])
     topo = topology.initialize(validate(cfg, world_size), seed=cfg.seed)
     os.makedirs(run_dir, exist_ok=True)
-    trainer = Trainer(cfg, topo, run_dir)
-    trainer.train_step()
-    trainer.train_step()
-    at_save = gather_full_state(trainer.model, topo)
+    loop = build_loop(cfg, topo, run_dir)
+    chunks, root = loop.recipe.policy.chunks, loop.checkpoints.root
+
+    def train_step():
+        loop.step += 1
+        loop.recipe.train_step(loop.step)
+
+    train_step()
+    train_step()
+    at_save = gather_full_state(chunks, topo)
 
     real_write = FileSystemWriterAsync.write_preloaded_data_multiproc
 
@@ -44,25 +49,25 @@ def _worker(rank, world_size, run_dir, out):
 
     FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(slow_write)
     start = time.perf_counter()
-    path = trainer.save(background=True)
+    path = loop.save(background=True)
     blocked_s = time.perf_counter() - start
-    pending = os.path.exists(path) or os.path.exists(os.path.join(trainer.ckpt_root, "latest"))
-    trainer.train_step()  # training goes on while the writer sleeps
-    trainer.train_step()
-    after = gather_full_state(trainer.model, topo)
-    trainer.finish_saves()
+    pending = os.path.exists(path) or os.path.exists(os.path.join(root, "latest"))
+    train_step()  # training goes on while the writer sleeps
+    train_step()
+    after = gather_full_state(chunks, topo)
+    loop.checkpoints.finish()
     total_s = time.perf_counter() - start
     FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(real_write)
 
-    committed = checkpoint.verify(path)
-    latest = open(os.path.join(trainer.ckpt_root, "latest")).read().strip()
-    checkpoint.load(trainer, path, print)
-    loaded = gather_full_state(trainer.model, topo)
+    committed = loop.checkpoints.verify(path)
+    latest = open(os.path.join(root, "latest")).read().strip()
+    loop.checkpoints.load(path)
+    loaded = gather_full_state(chunks, topo)
     if rank == 0:
         diff_saved = max((loaded[k] - at_save[k]).abs().max().item() for k in at_save)
         diff_after = max((after[k] - at_save[k]).abs().max().item() for k in at_save)
         json.dump({"blocked_s": blocked_s, "total_s": total_s, "pending": pending,
-                   "committed": committed, "latest": latest, "step": trainer.step,
+                   "committed": committed, "latest": latest, "step": loop.step,
                    "diff_saved": diff_saved, "diff_after": diff_after},
                   open(out, "w"))
 

@@ -9,7 +9,7 @@ from tests.dist._spawn import run_distributed
 BASE = ["logging=none", "model=tiny", "train.seq_len=32", "train.micro_batch_size=2",
         "train.global_batch_size=4", "train.steps=10", "train.max_bad_steps=3",
         "train.eval_samples=4", "data.num_samples=128", "train.lr=1e-2", "train.warmup_steps=1"]
-NAN_LOSS = {2, 6, 7, 8}  # forward_backward reports a NaN loss (its gradients are finite)
+NAN_LOSS = {2, 6, 7, 8}  # the step's reduced loss is NaN (its gradients are finite)
 NAN_GRAD = {3}  # the loss is finite, one gradient entry is NaN: the grad norm catches it
 STOP = 8  # 6, 7, 8: three in a row
 
@@ -24,28 +24,35 @@ def _worker(rank, world_size, run_dir, out):
 
     compat.setup()
     from megatron_ext.training import checkpoint
-    from megatron_ext.training.trainer import NonFiniteLossError, Trainer
+    from megatron_ext.sft.recipe import LM_METRICS
+    from megatron_ext.train import build_loop
+    from megatron_ext.training.loop import NonFiniteLossError
 
     cfg = compose_config(BASE + [f"run.dir={run_dir}"])
     topo = topology.initialize(validate(cfg, world_size), seed=cfg.seed)
     os.makedirs(run_dir, exist_ok=True)
-    trainer = Trainer(cfg, topo, run_dir)
-    params = [p for chunk in trainer.model for p in chunk.parameters()]
+    loop = build_loop(cfg, topo, run_dir)
+    policy = loop.recipe.policy
+    params = [p for chunk in policy.chunks for p in chunk.parameters()]
     weights = []  # weights[k]: the weights after step k
-    real_forward_backward = trainer.forward_backward
+    real_reduce = policy.reduce
 
-    def forward_backward():
+    def reduce(outputs, specs):
+        """After backward, before the guarded step: the step's metrics, spoilt on cue."""
+        values = real_reduce(outputs, specs)
+        if specs is not LM_METRICS:  # an eval
+            return values
         weights.append([p.detach().clone() for p in params])
-        loss_sum, tokens = real_forward_backward()
-        step = trainer.step + 1
-        if step in NAN_GRAD:
+        if loop.step in NAN_GRAD:
             params[0].main_grad.view(-1)[0] = float("nan")
-        return (float("nan") if step in NAN_LOSS else loss_sum), tokens
+        if loop.step in NAN_LOSS:
+            values["loss"] = float("nan")
+        return values
 
-    trainer.forward_backward = forward_backward
+    policy.reduce = reduce
     result = {}
     try:
-        trainer.fit()
+        loop.run()
         result["error"] = None
     except NonFiniteLossError as err:
         result["error"] = str(err)
@@ -58,10 +65,11 @@ def _worker(rank, world_size, run_dir, out):
     result["bad_state"] = bad if os.path.isdir(bad) else None
     result["bad_state_problem"] = checkpoint.verify(bad) if os.path.isdir(bad) else None
     result["listing"] = sorted(os.listdir(root)) if os.path.isdir(root) else []
-    result["auto_resume_picks"] = checkpoint.find_resumable(root, lambda m: None)
+    result["auto_resume_picks"] = loop.checkpoints.resume_path("auto")
     if result["bad_state"]:
-        state = json.load(open(os.path.join(bad, checkpoint.TRAIN_STATE)))
-        result["bad_state_train_state"] = {k: state[k] for k in ("step", "skipped_steps")}
+        state = checkpoint.read_train_state(bad)
+        result["bad_state_train_state"] = {"step": state["step"],
+                                           "skipped_steps": state["loop"]["skipped_steps"]}
     ps.destroy_model_parallel()
     with open(out, "w") as f:
         json.dump(result, f)
