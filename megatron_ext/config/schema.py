@@ -29,6 +29,7 @@ class ModelConfig:
     dtype: str = "fp32"  # parameter/compute dtype: fp32 | bf16
     fused_loss: bool = True  # fused linear cross-entropy instead of materialised logits
     fused_swiglu: bool = True  # our SwiGLU kernel that recomputes in backward
+    attention_backend: str = "auto"  # core attention: auto | sdpa | flash | local | te
 
 
 @dataclass

@@ -16,6 +16,7 @@ class ConfigError(ValueError):
 _CHOICES = {
     "stage": ("pretrain", "sft", "rl"),
     "model.dtype": ("fp32", "bf16"),
+    "model.attention_backend": ("auto", "sdpa", "flash", "local", "te"),
     "train.lr_decay_style": ("cosine", "linear", "constant"),
     "train.recompute": ("none", "selective", "full"),
     "train.recompute_method": ("uniform", "block"),

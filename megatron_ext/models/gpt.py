@@ -1,8 +1,10 @@
 """Build megatron-core GPTModel chunks (one per virtual pipeline stage) from our config, wrapped
-in megatron DDP. The layer spec is megatron's: TE's when TE imports on a GPU, else the local one."""
+in megatron DDP. The layer spec is megatron's (TE's when TE imports on a GPU, else the local one)
+with the core attention of model.attention_backend."""
 from __future__ import annotations
 
-from typing import List
+import functools
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +19,17 @@ from megatron_ext.compat import has_transformer_engine
 from megatron_ext.config.schema import Config
 from megatron_ext.models.fused_loss import FusedLossGPTModel
 from megatron_ext.models.fused_swiglu import apply_fused_swiglu
-from megatron_ext.models.attention import RingCoreAttention
+from megatron_ext.models.attention import (
+    FlashCoreAttention,
+    RingCoreAttention,
+    SDPACoreAttention,
+    resolve_backend,
+    ring_kernel,
+)
 from parallel.topology import Topology
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_CORE_ATTENTION = {"sdpa": SDPACoreAttention, "flash": FlashCoreAttention}  # te: TE spec's own
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -76,9 +85,12 @@ def transformer_config(cfg: Config, topo: Topology) -> TransformerConfig:
     )
 
 
-def layer_spec(cfg: Config) -> ModuleSpec:
-    """megatron's GPT layer spec (TE's when TE imports on a GPU, else the local one); with
-    parallel.cp > 1 its core attention is our ring attention, so CP needs no TE."""
+def layer_spec(cfg: Config) -> Tuple[ModuleSpec, str]:
+    """(megatron's GPT layer spec with the core attention of model.attention_backend, a line
+    that says which attention runs). The spec is TE's when TE imports on a GPU, else the local
+    one; with parallel.cp > 1 its core attention is our ring attention, so CP needs no TE."""
+    requested = cfg.model.attention_backend
+    backend = resolve_backend(requested, cfg.model.dtype)
     if has_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec)
@@ -86,15 +98,34 @@ def layer_spec(cfg: Config) -> ModuleSpec:
     else:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    attention = spec.submodules.self_attention.submodules
     if cfg.parallel.cp > 1:
-        spec.submodules.self_attention.submodules.core_attention = RingCoreAttention
-    return spec
+        kernel = ring_kernel(backend)
+        attention.core_attention = functools.partial(RingCoreAttention, kernel=kernel)
+        said = f"ring attention over CP={cfg.parallel.cp}, {kernel} block kernel"
+    else:
+        if backend == "local":
+            from megatron.core.transformer.dot_product_attention import DotProductAttention
+            attention.core_attention = DotProductAttention
+        elif backend in _CORE_ATTENTION:
+            attention.core_attention = _CORE_ATTENTION[backend]
+        said = backend
+    return spec, f"attention: {said} (model.attention_backend={requested})"
+
+
+@functools.lru_cache(maxsize=None)
+def _say_once(line: str) -> None:
+    """Print a line on global rank 0, the first time only (the reference model and the critic
+    build the same layers again)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        print(line, flush=True)
 
 
 def build_gpt_chunks(cfg: Config, topo: Topology, vocab_size: int) -> List[GPTModel]:
     """Unwrapped GPTModel chunks of this rank, in virtual-stage order."""
     config = transformer_config(cfg, topo)
-    spec = layer_spec(cfg)
+    spec, attention = layer_spec(cfg)
+    _say_once(attention)
     if cfg.model.fused_swiglu:
         config, spec = apply_fused_swiglu(config, spec)
     model_class = FusedLossGPTModel if cfg.model.fused_loss else GPTModel
