@@ -13,6 +13,11 @@ query-key pairs of a block pair), so no rank waits for another:
   source < me     all my q against the source's first chunk (its second chunk is in my future);
   source > me     only my second q chunk against the source's whole kv (my first chunk sees
                   neither of its chunks).
+Each step runs as sub-blocks of one kv chunk against one q chunk, so the gradient temporaries of
+a call are a quarter of a block's; the block kernel (``parallel.attention_block``: torch's fused
+SDPA ops, or the PyTorch reference) returns each sub-block's log-sum-exp for the merge. Per rank
+the ring holds the fp32 output, dQ and dK/dV accumulators, and one KV and one dK/dV block in
+flight.
 """
 
 from typing import List, Optional, Tuple
