@@ -184,7 +184,6 @@ def _sdpa_forward(q, k, v, scale, causal):
     pieces = _pieces(q.shape[1], k.shape[1], causal)
     out, lse = _op_forward(q, k[:, pieces[0][0]], v[:, pieces[0][0]], scale, pieces[0][1])
     for keys, piece_causal in pieces[1:]:
-        out = out.contiguous()
         merge(out, lse, *_op_forward(q, k[:, keys], v[:, keys], scale, piece_causal))
     return out, lse
 

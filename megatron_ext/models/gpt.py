@@ -12,6 +12,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -29,7 +30,9 @@ from megatron_ext.models.attention import (
 from parallel.topology import Topology
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-_CORE_ATTENTION = {"sdpa": SDPACoreAttention, "flash": FlashCoreAttention}  # te: TE spec's own
+# The core attention of each backend at CP = 1; te keeps the TE spec's own.
+_CORE_ATTENTION = {"sdpa": SDPACoreAttention, "flash": FlashCoreAttention,
+                   "local": DotProductAttention}
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -104,11 +107,7 @@ def layer_spec(cfg: Config) -> Tuple[ModuleSpec, str]:
         attention.core_attention = functools.partial(RingCoreAttention, kernel=kernel)
         said = f"ring attention over CP={cfg.parallel.cp}, {kernel} block kernel"
     else:
-        if backend == "local":
-            from megatron.core.transformer.dot_product_attention import DotProductAttention
-            attention.core_attention = DotProductAttention
-        elif backend in _CORE_ATTENTION:
-            attention.core_attention = _CORE_ATTENTION[backend]
+        attention.core_attention = _CORE_ATTENTION.get(backend, attention.core_attention)
         said = backend
     return spec, f"attention: {said} (model.attention_backend={requested})"
 
