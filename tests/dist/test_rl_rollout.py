@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from ._spawn import run_distributed
 
 TOL = 1e-5
+# Sampled tokens' fp32 log-probs reach -100 with these peaked logits (init std 0.2), where one
+# ulp is 7.6e-6: a KV-cached decode and a full forward sum attention in different orders.
+SAMPLED_TOL = 2e-5
 
 
 def _vocab_parallel_checks(rank, world):
@@ -106,7 +109,8 @@ def _rollout_checks(chunks, topo, tok, prompts, reference):
         ref = _full_logprobs(model, out.tokens, topo, vocab, 0.8)
         mask = out.response_mask[:, 1:] > 0
         diff = (ref - out.logprobs[:, 1:])[mask].abs().max().item()
-        assert diff <= TOL, f"{where}: rollout vs teacher-forced log-probs differ by {diff:.3g}"
+        assert diff <= SAMPLED_TOL, (f"{where}: rollout vs teacher-forced log-probs differ by "
+                                     f"{diff:.3g}")
     again = run(params, seed=100)
     assert torch.equal(again.tokens, out.tokens) and torch.equal(again.logprobs, out.logprobs)
     for group in (topo.tp_group, topo.pp_group):  # every rank holds the same rollout
