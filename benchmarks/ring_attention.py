@@ -3,6 +3,8 @@
   python -m benchmarks.ring_attention        # from the repo root: docs/results_ring_attention.md
   python -m benchmarks.ring_attention --time-seq 2048 --mem-seqs 2048 4096   # a smoke run
 
+Kernels: one process's causal fwd+bwd of a whole sequence with each block kernel (torch's SDPA
+op, the PyTorch reference), best of --reps.
 Time: causal fwd+bwd per rank at CP=2 and CP=4 (slowest rank), against (a) one process doing
 one rank's work with the same block kernel, its zigzag shard of queries against the full KV, no
 ring, while the other ranks wait (mean over ranks), and (b) all cp processes doing that at once,
@@ -10,7 +12,8 @@ which shares the cores as the ring does. The three alternate within each of --re
 and the best of each is kept: the machine is shared, and the least disturbed run repeats best.
 Memory: peak resident memory above the baseline (inputs in place) during one fwd+bwd, per rank,
 read from /proc (VmHWM after resetting it via clear_refs); large allocations go through mmap so
-freed memory leaves RSS. Every process is fresh and uses one thread.
+freed memory leaves RSS. Every process is fresh and uses one thread. Beside ring attention at
+CP=1 and CP=4 (per kernel), the model's own CP=1 path: torch SDPA under autograd.
 """
 
 import argparse
@@ -26,6 +29,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from parallel.attention_block import KERNELS
 
 BATCH, HEADS, KV_HEADS, HEAD_DIM = 1, 1, 1, 32
 SCALE = HEAD_DIM**-0.5
@@ -66,14 +71,25 @@ def _inputs(seq: int, cp: int, rank: int, full_kv: bool):
     return [t.contiguous().requires_grad_() for t in (q, k, v)] + [dout.contiguous()]
 
 
-def _ring_step(q, k, v, dout, group) -> None:
+def _ring_step(q, k, v, dout, group, kernel) -> None:
     from parallel.ring_attention import ring_attention
 
-    ring_attention(q, k, v, causal=True, group=group).backward(dout)
+    ring_attention(q, k, v, causal=True, group=group, kernel=kernel).backward(dout)
     q.grad = k.grad = v.grad = None
 
 
-def _local_step(q, k, v, dout, cp: int, rank: int) -> None:
+def _sdpa_step(q, k, v, dout, group, kernel) -> None:
+    """The model's attention at CP=1 (SDPACoreAttention's call), [b, h, s, d] views."""
+    out = torch.nn.functional.scaled_dot_product_attention(
+        *(t.transpose(1, 2) for t in (q, k, v)), is_causal=True, scale=SCALE)
+    out.backward(dout.transpose(1, 2))
+    q.grad = k.grad = v.grad = None
+
+
+STEPS = {"ring": _ring_step, "sdpa": _sdpa_step}
+
+
+def _local_step(q, k, v, dout, cp: int, rank: int, kernel: str = "sdpa") -> None:
     """One rank's causal work without a ring: each q chunk against the keys up to its end."""
     from parallel.ring_attention import attention_block_backward, attention_block_forward
 
@@ -81,8 +97,9 @@ def _local_step(q, k, v, dout, cp: int, rank: int) -> None:
     plan = ((slice(0, chunk), (rank + 1) * chunk), (slice(chunk, None), (2 * cp - rank) * chunk))
     for rows, keys in plan:
         qc, kc, vc = q.detach()[:, rows], k.detach()[:, :keys], v.detach()[:, :keys]
-        out, lse = attention_block_forward(qc, kc, vc, SCALE, True)
-        attention_block_backward(dout[:, rows], qc, kc, vc, out, lse, SCALE, True)
+        out, lse = attention_block_forward(qc, kc, vc, SCALE, True, kernel=kernel)
+        attention_block_backward(dout[:, rows], qc, kc, vc, out, lse, SCALE, True,
+                                 kernel=kernel)
 
 
 def _seconds(step, barrier) -> float:
@@ -99,7 +116,7 @@ def _time_all(rank, world, port, queue, seq, reps):
     """
     group = _init(rank, world, port)
     barrier = functools.partial(dist.barrier, group=group)
-    ring = functools.partial(_ring_step, *_inputs(seq, world, rank, full_kv=False), group)
+    ring = functools.partial(_ring_step, *_inputs(seq, world, rank, full_kv=False), group, "sdpa")
     local = functools.partial(_local_step, *_inputs(seq, world, rank, full_kv=True), world, rank)
     ring(), local()  # warm-up
     best = {"ring": float("inf"), "shared": float("inf"), "alone": float("inf")}
@@ -122,15 +139,29 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} missing from /proc/self/status; this benchmark needs Linux.")
 
 
-def _peak_memory(rank, world, port, queue, seq):
+def _kernel_times(rank, world, port, queue, seq, reps):
+    """Best causal fwd+bwd time of a whole sequence, one process, per block kernel; the kernels
+    alternate within each repetition."""
+    _init(rank, world, port)
+    inputs = _inputs(seq, 1, 0, full_kv=True)
+    best = {}
+    for _ in range(reps):
+        for kernel in KERNELS:
+            step = functools.partial(_local_step, *inputs, 1, 0, kernel)
+            best[kernel] = min(best.get(kernel, float("inf")), _seconds(step, lambda: None))
+    queue.put(best)
+
+
+def _peak_memory(rank, world, port, queue, seq, what, kernel):
     group = _init(rank, world, port)
-    _ring_step(*_inputs(2 * world * 64, world, rank, full_kv=False), group)  # one-time costs
+    step = STEPS[what]
+    step(*_inputs(2 * world * 64, world, rank, full_kv=False), group, kernel)  # one-time costs
     q, k, v, dout = _inputs(seq, world, rank, full_kv=False)
     gc.collect()
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # VmHWM := VmRSS
     base = _status_kib("VmRSS")
-    _ring_step(q, k, v, dout, group)
+    step(q, k, v, dout, group, kernel)
     queue.put((_status_kib("VmHWM") - base) / 1024)
 
 
@@ -145,10 +176,20 @@ def _line_fit(points):
     return mean_y - slope * mean_x, slope
 
 
+def _kernel_table(seq: int, reps: int) -> list:
+    best = _spawn(_kernel_times, 1, seq, reps)[0]
+    lines = [f"| causal fwd+bwd, seq {seq}, one process | {' | '.join(KERNELS)} |",
+             "|---|" + "---|" * len(KERNELS),
+             "| seconds | " + " | ".join(f"{best[k]:.2f}" for k in KERNELS) + " |",
+             "| vs torch | " + " | ".join(f"{best[k] / best['torch']:.2f}" for k in KERNELS)
+             + " |"]
+    return lines
+
+
 def _time_table(seq: int, reps: int) -> list:
     lines = [
-        f"| fwd+bwd per rank, seq {seq} | ring (s) | one process, same work (s) | ratio "
-        "| cp processes, same work, no ring (s) | ratio |",
+        f"| fwd+bwd per rank, seq {seq}, sdpa kernel | ring (s) | one process, same work (s) "
+        "| ratio | cp processes, same work, no ring (s) | ratio |",
         "|---|---|---|---|---|---|",
     ]
     for cp in (2, 4):
@@ -165,22 +206,26 @@ def _time_table(seq: int, reps: int) -> list:
 
 def _memory_table(seqs: list) -> list:
     lines = [
-        "| seq | peak MiB, CP=1 | peak MiB per rank, CP=4 | CP=1 / CP=4 |",
-        "|---|---|---|---|",
+        "| seq | kernel | SDPA autograd, CP=1 (MiB) | ring, CP=1 (MiB) | ring per rank, CP=4 "
+        "(MiB) | CP=4 / CP=1 (ring) |",
+        "|---|---|---|---|---|---|",
     ]
-    points = {1: [], 4: []}  # cp -> [(tokens per rank, peak MiB)]
+    points = {(kernel, cp): [] for kernel in KERNELS for cp in (1, 4)}
     for seq in seqs:
-        one = _spawn(_peak_memory, 1, seq)[0]
-        four = max(_spawn(_peak_memory, 4, seq))
-        points[1].append((seq, one))
-        points[4].append((seq // 4, four))
-        lines.append(f"| {seq} | {one:.1f} | {four:.1f} | {one / four:.2f} |")
+        sdpa = _spawn(_peak_memory, 1, seq, "sdpa", None)[0]
+        for kernel in KERNELS:
+            one = _spawn(_peak_memory, 1, seq, "ring", kernel)[0]
+            four = max(_spawn(_peak_memory, 4, seq, "ring", kernel))
+            points[kernel, 1].append((seq, one))
+            points[kernel, 4].append((seq // 4, four))
+            lines.append(f"| {seq} | {kernel} | {sdpa:.1f} | {one:.1f} | {four:.1f} "
+                         f"| {four / one:.2f} |")
     lines.append("")
-    for cp, cp_points in points.items() if len(seqs) > 1 else ():
+    for (kernel, cp), cp_points in points.items() if len(seqs) > 1 else ():
         fixed, per_token = _line_fit(cp_points)
         worst = max(abs(y - fixed - per_token * x) / y for x, y in cp_points)
         lines.append(
-            f"CP={cp} fit, peak = a + b * seq/cp: a = {fixed:.1f} MiB, b = "
+            f"{kernel} kernel, CP={cp} fit, peak = a + b * seq/cp: a = {fixed:.1f} MiB, b = "
             f"{per_token * 1024:.2f} MiB per 1K tokens per rank; largest deviation {worst:.1%}."
         )
     return lines
@@ -203,7 +248,8 @@ def main() -> None:
             f"heads {HEADS} (kv {KV_HEADS}), head dim {HEAD_DIM}, batch {BATCH}, fp32, causal, "
             f"one thread per process, {len(os.sched_getaffinity(0))} cores"
         )
-        lines = [header, ""] + _time_table(args.time_seq, args.reps) + [""]
+        lines = [header, ""] + _kernel_table(args.time_seq, args.reps) + [""]
+        lines += _time_table(args.time_seq, args.reps) + [""]
         lines += _memory_table(args.mem_seqs)
         lines.append(
             f"1-minute load average of the machine (shared with other work): {load_at_start:.1f} "

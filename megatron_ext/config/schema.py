@@ -38,6 +38,7 @@ class ModelConfig:
     fused_loss: str = one_of("auto", "true", "false", "True", "False")
     # auto | true | false: our recomputing SwiGLU (auto: as fused_loss)
     fused_swiglu: str = one_of("auto", "true", "false", "True", "False")
+    attention_backend: str = one_of("auto", "sdpa", "flash", "local", "te")  # core attention
 
 
 @dataclass

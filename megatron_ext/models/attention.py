@@ -1,26 +1,65 @@
-"""megatron core-attention adapters for our layer spec: ring attention over the CP group.
+"""megatron core-attention modules for our layer spec, and the choice among them.
 
-A plain nn.Module (megatron handles those in state dicts; there are no parameters), so
-importing this file does not import megatron, which costs seconds in every process."""
+``model.attention_backend`` names the kernel: ``sdpa`` (torch scaled_dot_product_attention:
+flash / memory-efficient / cuDNN on GPU, the flash kernel on CPU), ``flash`` (flash-attn),
+``local`` (megatron's unfused DotProductAttention, the reference), ``te`` (TransformerEngine's
+spec) and ``auto`` (TE on a GPU where it imports, else flash-attn where it imports and the
+model is bf16, else sdpa). With CP > 1 the core attention is ring attention, whose block
+kernel follows the same choice (``local``: the PyTorch reference; otherwise torch's fused ops).
+
+Plain nn.Modules (megatron handles those in state dicts; there are no parameters), so importing
+this file does not import megatron, which costs seconds in every process."""
 from __future__ import annotations
 
 import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from parallel.context import default_cp_group
 from parallel.ring_attention import ring_attention
 
+BACKENDS = ("auto", "sdpa", "flash", "local", "te")
 
-class RingCoreAttention(torch.nn.Module):
-    """Megatron ``core_attention`` that runs ring attention over the CP group.
 
-    Drop-in for DotProductAttention in a layer spec: takes q [sq, b, np, hn] and k, v
-    [sk, b, ng, hn], returns [sq, b, np*hn]. At CP size 1 it is plain blockwise attention.
-    With a causal mask type the explicit ``attention_mask`` is ignored, as with TE: the causal
-    pattern is implied, and a full [s, s] mask has no meaning on a zigzag shard.
-    """
+def resolve_backend(name: str, dtype: str) -> str:
+    """The backend that ``model.attention_backend=name`` runs here; ``dtype`` is model.dtype.
+
+    Raises ValueError for a name this machine or dtype cannot run."""
+    from megatron_ext.compat import has_flash_attn, has_transformer_engine
+
+    if name not in BACKENDS:
+        raise ValueError(f"model.attention_backend={name!r} is not one of {', '.join(BACKENDS)}; "
+                         "pick one of these")
+    if name == "auto":
+        if has_transformer_engine():
+            return "te"
+        return "flash" if has_flash_attn() and dtype == "bf16" else "sdpa"
+    if name == "te" and not has_transformer_engine():
+        raise ValueError("model.attention_backend=te but TransformerEngine does not import here "
+                         "(it needs a GPU and the transformer-engine package); use "
+                         "model.attention_backend=auto or sdpa")
+    if name == "flash":
+        if not has_flash_attn():
+            raise ValueError("model.attention_backend=flash but flash_attn does not import here "
+                             "(it needs a GPU and the flash-attn package); use "
+                             "model.attention_backend=auto or sdpa")
+        if dtype != "bf16":
+            raise ValueError(f"model.attention_backend=flash with model.dtype={dtype}: flash-attn "
+                             "computes in fp16/bf16 only; set model.dtype=bf16 or "
+                             "model.attention_backend=sdpa")
+    return name
+
+
+def ring_kernel(backend: str) -> str:
+    """The ring attention block kernel that goes with a resolved backend."""
+    return "torch" if backend == "local" else "sdpa"
+
+
+class _CoreAttention(torch.nn.Module):
+    """What our core attentions share: megatron's DotProductAttention constructor, its checks
+    of what they do not implement, and the causal flag of a call."""
 
     def __init__(
         self,
@@ -34,22 +73,18 @@ class RingCoreAttention(torch.nn.Module):
         pg_collection=None,
     ):
         super().__init__()
+        name = type(self).__name__
         self.config = config
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
             raise ValueError(
-                f"RingCoreAttention: attention dropout {dropout} is not implemented by ring "
-                "attention; set attention_dropout=0.0 in the TransformerConfig."
+                f"{name}: attention dropout {dropout} is not implemented; set "
+                "attention_dropout=0.0 in the TransformerConfig."
             )
         if config.softmax_type != "vanilla" or config.window_size is not None:
             raise ValueError(
-                f"RingCoreAttention: softmax_type={config.softmax_type!r}, window_size="
+                f"{name}: softmax_type={config.softmax_type!r}, window_size="
                 f"{config.window_size}; only vanilla softmax without a window is supported."
-            )
-        if cp_comm_type not in (None, "p2p"):
-            raise ValueError(
-                f"RingCoreAttention: cp_comm_type={cp_comm_type!r}; ring attention is the 'p2p' "
-                "scheme. Set cp_comm_type to 'p2p' or leave it unset."
             )
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
@@ -59,45 +94,118 @@ class RingCoreAttention(torch.nn.Module):
         self.softmax_scale = (
             1.0 / math.sqrt(config.kv_channels) if softmax_scale is None else softmax_scale
         )
-        cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
-        self.cp_group = default_cp_group() if cp_group is None else cp_group
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: Optional[torch.Tensor],
-        attn_mask_type=None,
-        attention_bias: Optional[torch.Tensor] = None,
-        packed_seq_params=None,
-    ) -> torch.Tensor:
+    def _causal(self, attention_mask, attn_mask_type, attention_bias, packed_seq_params) -> bool:
+        """True for a causal call, False for an unmasked one. With a causal mask type the
+        explicit ``attention_mask`` is ignored, as with TE: the causal pattern is implied."""
+        name = type(self).__name__
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError(
-                "RingCoreAttention supports neither packed sequences (packed_seq_params) nor "
+                f"{name} supports neither packed sequences (packed_seq_params) nor "
                 "attention_bias; pass None, or use TE's attention for THD packing."
             )
         from megatron.core.transformer.enums import AttnMaskType  # loaded with the config
 
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         if mask_type == AttnMaskType.causal:
-            causal = True
-        elif mask_type == AttnMaskType.no_mask or (
+            return True
+        if mask_type == AttnMaskType.no_mask or (
             mask_type == AttnMaskType.padding and attention_mask is None
         ):
-            causal = False
-        else:
+            return False
+        raise ValueError(
+            f"{name}: attn_mask_type={mask_type.name} with an explicit mask is not supported; "
+            "use AttnMaskType.causal or AttnMaskType.no_mask."
+        )
+
+
+class SDPACoreAttention(_CoreAttention):
+    """Megatron ``core_attention`` on torch.nn.functional.scaled_dot_product_attention.
+
+    q [sq, b, np, hn], k and v [sk, b, ng, hn] (ng divides np: GQA without repeating kv heads)
+    -> [sq, b, np*hn]. The causal mask is bottom-right aligned when sq != sk (a KV-cache decode
+    step sees every cached key), as megatron's local attention does for one new token.
+    """
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        causal = self._causal(attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+        sq, b, heads, hn = query.shape
+        sk = key.shape[0]
+        mask = None
+        if causal and 1 < sq != sk:
+            from torch.nn.attention.bias import causal_lower_right
+
+            mask = causal_lower_right(sq, sk)
+        out = F.scaled_dot_product_attention(
+            *(t.permute(1, 2, 0, 3) for t in (query, key, value)),  # [b, h, s, d] views
+            attn_mask=mask,
+            is_causal=causal and sq == sk and sq > 1,
+            scale=self.softmax_scale,
+            enable_gqa=key.shape[2] != heads,
+        )
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * hn)
+
+
+class FlashCoreAttention(_CoreAttention):
+    """Megatron ``core_attention`` on flash-attn's ``flash_attn_func`` (fp16/bf16 on CUDA).
+
+    Same contract as SDPACoreAttention; flash-attn aligns the causal mask bottom-right and
+    takes GQA kv heads as they are."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, **kwargs):
+        super().__init__(config, layer_number, attn_mask_type, attention_type, **kwargs)
+        from flash_attn import flash_attn_func
+
+        self._flash_attn_func = flash_attn_func
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        causal = self._causal(attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+        if query.dtype not in (torch.float16, torch.bfloat16) or not query.is_cuda:
             raise ValueError(
-                f"RingCoreAttention: attn_mask_type={mask_type.name} with an explicit mask is "
-                "not supported; use AttnMaskType.causal or AttnMaskType.no_mask."
+                f"FlashCoreAttention got {query.dtype} on {query.device}: flash-attn runs fp16 "
+                "or bf16 on CUDA; set model.dtype=bf16 or model.attention_backend=sdpa."
             )
         sq, b = query.shape[:2]
+        out = self._flash_attn_func(
+            *(t.transpose(0, 1) for t in (query, key, value)),  # [b, s, h, d]
+            dropout_p=0.0, softmax_scale=self.softmax_scale, causal=causal,
+        )
+        return out.transpose(0, 1).reshape(sq, b, -1)
+
+
+class RingCoreAttention(_CoreAttention):
+    """Megatron ``core_attention`` that runs ring attention over the CP group.
+
+    Same contract as SDPACoreAttention, on zigzag shards (a full [s, s] mask has no meaning
+    there). At CP size 1 it is plain blockwise attention. ``kernel`` is the block kernel of
+    ``parallel.attention_block`` ("sdpa" or "torch"); bind it with functools.partial in a spec.
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type,
+                 attention_dropout=None, softmax_scale=None, cp_comm_type=None,
+                 pg_collection=None, kernel: str = "sdpa"):
+        super().__init__(config, layer_number, attn_mask_type, attention_type,
+                         attention_dropout, softmax_scale)
+        if cp_comm_type not in (None, "p2p"):
+            raise ValueError(
+                f"RingCoreAttention: cp_comm_type={cp_comm_type!r}; ring attention is the 'p2p' "
+                "scheme. Set cp_comm_type to 'p2p' or leave it unset."
+            )
+        cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+        self.cp_group = default_cp_group() if cp_group is None else cp_group
+        self.kernel = kernel
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        causal = self._causal(attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+        sq, b = query.shape[:2]
         out = ring_attention(
-            query.transpose(0, 1),
-            key.transpose(0, 1),
-            value.transpose(0, 1),
+            *(t.transpose(0, 1) for t in (query, key, value)),  # [b, s, h, d]
             causal=causal,
             softmax_scale=self.softmax_scale,
             group=self.cp_group,
+            kernel=self.kernel,
         )
         return out.transpose(0, 1).reshape(sq, b, -1)

@@ -1,9 +1,10 @@
 """Build megatron-core GPTModel chunks (one per virtual pipeline stage) from our config, wrapped
-in megatron DDP. The layer spec is megatron's: TE's when TE imports on a GPU, else the local one."""
+in megatron DDP. The layer spec is megatron's (TE's when TE imports on a GPU, else the local one)
+with the core attention of model.attention_backend."""
 from __future__ import annotations
 
 import functools
-from typing import List
+from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -18,12 +20,21 @@ from megatron_ext.compat import has_transformer_engine
 from megatron_ext.config.schema import Config
 from megatron_ext.models.fused_loss import FusedLossGPTModel, VocabGPTModel
 from megatron_ext.models.fused_swiglu import apply_fused_swiglu
-from megatron_ext.models.attention import RingCoreAttention
+from megatron_ext.models.attention import (
+    FlashCoreAttention,
+    RingCoreAttention,
+    SDPACoreAttention,
+    resolve_backend,
+    ring_kernel,
+)
 from megatron_ext.models.init import initialize_weights
 from megatron_ext.ops import resolve_fused
 from parallel.topology import Topology
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The core attention of each backend at CP = 1; te keeps the TE spec's own.
+_CORE_ATTENTION = {"sdpa": SDPACoreAttention, "flash": FlashCoreAttention,
+                   "local": DotProductAttention}
 
 
 def model_vocab_size(cfg: Config, tokenizer) -> int:
@@ -89,9 +100,12 @@ def transformer_config(cfg: Config, topo: Topology) -> TransformerConfig:
     )
 
 
-def layer_spec(cfg: Config) -> ModuleSpec:
-    """megatron's GPT layer spec (TE's when TE imports on a GPU, else the local one); with
-    parallel.cp > 1 its core attention is our ring attention, so CP needs no TE."""
+def layer_spec(cfg: Config) -> Tuple[ModuleSpec, str]:
+    """(megatron's GPT layer spec with the core attention of model.attention_backend, a line
+    that says which attention runs). The spec is TE's when TE imports on a GPU, else the local
+    one; with parallel.cp > 1 its core attention is our ring attention, so CP needs no TE."""
+    requested = cfg.model.attention_backend
+    backend = resolve_backend(requested, cfg.model.dtype)
     if has_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec)
@@ -99,9 +113,15 @@ def layer_spec(cfg: Config) -> ModuleSpec:
     else:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
         spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    attention = spec.submodules.self_attention.submodules
     if cfg.parallel.cp > 1:
-        spec.submodules.self_attention.submodules.core_attention = RingCoreAttention
-    return spec
+        kernel = ring_kernel(backend)
+        attention.core_attention = functools.partial(RingCoreAttention, kernel=kernel)
+        said = f"ring attention over CP={cfg.parallel.cp}, {kernel} block kernel"
+    else:
+        attention.core_attention = _CORE_ATTENTION.get(backend, attention.core_attention)
+        said = backend
+    return spec, f"attention: {said} (model.attention_backend={requested})"
 
 
 @functools.lru_cache(maxsize=None)
@@ -117,7 +137,8 @@ def build_gpt_chunks(cfg: Config, topo: Topology, vocab_size: int) -> List[GPTMo
     that depend on cfg.seed only (not on the layout). vocab_size: the real vocab; megatron
     pads it, and the padding never enters the loss."""
     config = transformer_config(cfg, topo)
-    spec = layer_spec(cfg)
+    spec, attention = layer_spec(cfg)
+    _say_once(attention)
     fused_loss, fused_swiglu = (resolve_fused(key, getattr(cfg.model, key), topo.device.type)
                                 for key in ("fused_loss", "fused_swiglu"))
     for notice in filter(None, (fused_loss.notice, fused_swiglu.notice)):

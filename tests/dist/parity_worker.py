@@ -12,10 +12,12 @@ import torch.distributed as dist
 # Adam divides each gradient by its own magnitude: with eps=1e-8 a 1e-8 gradient that differs
 # in its 8th digit between summation orders moves its weight by ~1e-4*lr. eps=1e-5 keeps the
 # weight comparison about the layout, not about Adam's amplification of rounding.
+# Attention is megatron's local DotProductAttention (at CP > 1 the ring with its PyTorch block
+# kernel) unless a layout overrides model.attention_backend.
 BASE = ["logging=none", "model=tiny", "model.vocab_size=512", "train.seq_len=32",
         "train.micro_batch_size=2", "train.global_batch_size=8", "train.steps=3",
         "train.warmup_steps=1", "train.lr=1e-2", "train.adam_eps=1e-5", "data.num_samples=256",
-        "seed=7"]
+        "seed=7", "model.attention_backend=local"]
 STEPS = 3
 
 

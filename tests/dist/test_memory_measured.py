@@ -14,11 +14,11 @@ from megatron_ext.memory.compare import compare
 from megatron_ext.memory.measure import measure_layouts
 from tests.dist._spawn import run_distributed
 
-# The planner is validated on megatron's own loss and activation; the fused kernels' terms are
-# modelled but not yet measured against it (see docs/results_memory.md).
+# The planner is validated on megatron's own loss, activation and local attention; the fused
+# kernels' terms are modelled but not yet measured against it (see docs/results_memory.md).
 BASE = ["logging=none", "model=tiny", "data.num_samples=600", "train.steps=1",
         "train.warmup_steps=0", "train.micro_batch_size=2", "model.fused_loss=false",
-        "model.fused_swiglu=false"]
+        "model.fused_swiglu=false", "model.attention_backend=local"]
 LAYOUTS = {  # world size 2
     "dp2 s256": ["train.seq_len=256", "train.global_batch_size=4"],
     "dp2 s256 selective dist-opt": ["train.seq_len=256", "train.global_batch_size=4",

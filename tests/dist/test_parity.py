@@ -8,6 +8,7 @@ from tests.dist._spawn import run_distributed
 from tests.dist.parity_worker import STEPS, run_layouts
 
 TOL = 1e-5
+SDPA = ["model.attention_backend=sdpa"]  # every other layout and the reference run `local`
 TWO = {
     "tp2": ["parallel.tp=2"],
     "pp2": ["parallel.pp=2"],
@@ -15,6 +16,9 @@ TWO = {
     "dp2_distopt": ["parallel.use_distributed_optimizer=true"],
     "pp2_vpp2": ["parallel.pp=2", "parallel.vpp=2"],
     "cp2": ["parallel.cp=2"],
+    "tp2_sdpa": ["parallel.tp=2", *SDPA],
+    "pp2_sdpa": ["parallel.pp=2", *SDPA],
+    "cp2_sdpa": ["parallel.cp=2", *SDPA],
 }
 FOUR = {
     "tp2_pp2": ["parallel.tp=2", "parallel.pp=2"],

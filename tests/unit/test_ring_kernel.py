@@ -1,12 +1,9 @@
 """Blockwise attention kernel, ring_attention at CP=1 and the megatron adapter, one process."""
 
 import math
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from megatron_ext.models.attention import RingCoreAttention
 from parallel.ring_attention import (
@@ -124,21 +121,6 @@ class NaiveCoreAttention(torch.nn.Module):
             *(t.transpose(0, 1) for t in (query, key, value)), self.scale, causal=True
         )
         return out.transpose(0, 1).reshape(query.shape[0], query.shape[1], -1)
-
-
-@pytest.fixture
-def megatron_single_rank():
-    """A one-rank gloo world with megatron's parallel state (TP = PP = CP = 1)."""
-    from megatron.core import parallel_state
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    yield parallel_state
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
 
 
 def test_adapter_inside_megatron_self_attention(megatron_single_rank):
