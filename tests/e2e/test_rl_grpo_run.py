@@ -39,7 +39,9 @@ def test_grpo_after_sft_raises_reward(tmp_path):
                 "rl.max_new_tokens=20", "rl.band_low=0", "rl.band_high=1",
                 "rl.eval_interval=10", "rl.margin=0.5", f"run.dir={rl}"])
     assert f"policy initialised from {init} (weights only)" in out
-    assert sum(l.startswith("rl    step") for l in out.splitlines()) == RL_STEPS
+    progress = [l for l in out.splitlines() if l.startswith("step ")]
+    assert len(progress) == RL_STEPS  # one progress line per step, with the RL figures
+    assert all(" | reward " in l and " | zero-adv " in l for l in progress), progress[:2]
 
     records = _records(rl)
     steps = [r for r in records if "split" not in r]
