@@ -27,8 +27,8 @@ def grpo_advantages(rewards: torch.Tensor, *, eps: float = 1e-6,
         raise ValueError(f"group size {rewards.size(1)} has no baseline; sample >= 2 responses "
                          "per prompt (rl.group_size)")
     r = rewards.float()
-    if not torch.isfinite(r).all():
-        raise ValueError("rewards hold NaN or Inf; check the reward functions")
+    # checked on the device, without a host sync
+    torch._assert_async(torch.isfinite(r).all(), "rewards hold NaN or Inf; check the reward functions")
     centred = r - r.mean(dim=1, keepdim=True)
     if normalize_std:
         centred = centred / (r.std(dim=1, keepdim=True) + eps)

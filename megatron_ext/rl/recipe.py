@@ -163,23 +163,25 @@ class RLRecipe:
         return result, sampled
 
     def _forward_values(self, unit: ModelUnit, rows: Rows, output: Callable) -> torch.Tensor:
-        """A `[n, t]` per-token output of `unit` on the rows (the last stage's; zeros on the
-        other stages, which never use it), on the host like the rows."""
+        """A `[n, t]` per-token output of `unit` on the rows, on the model's device (the last
+        stage's; zeros on the other stages, which never use it)."""
         n, width = rows["tokens"].shape
         batches = micro_batches(rows, self.cfg.train.micro_batch_size, unit.device)
         outs = unit.forward_only(batches, output, seq_length=width)
         if not outs:
-            return torch.zeros(n, width)
-        return torch.cat([o["out"] for o in outs])[:n].float().cpu()
+            return torch.zeros(n, width, device=unit.device)
+        return torch.cat([o["out"] for o in outs])[:n].float()
 
     def prepare(self, groups) -> tuple:
-        """The kept groups as training rows with reference log-probs, values and advantages;
-        and the sums behind the advantage metrics."""
-        rl = self.rl
+        """The kept groups as training rows with reference log-probs, values and advantages, all
+        on the model's device (the rewards come from the host); and the sums behind the
+        advantage metrics."""
+        rl, device = self.rl, self.policy.device
         rows = (rows_from_groups(groups, self.tokenizer.pad_id) if groups else
                 {k: torch.zeros(0, 1) for k in _ROW_KEYS})
+        rows = {k: v.to(device) for k, v in rows.items()}
         rows["tokens"], rows["targets"] = rows["tokens"].long(), rows["targets"].long()
-        rewards = torch.cat([g.rewards for g in groups]) if groups else torch.zeros(0)
+        rewards = (torch.cat([g.rewards for g in groups]) if groups else torch.zeros(0)).to(device)
         stats = {"zero_adv_groups": float(sum(bool(g.rewards.max() == g.rewards.min())
                                               for g in groups)),
                  "trained_groups": float(len(groups))}

@@ -31,13 +31,13 @@ def rows_from_groups(groups: Sequence[Group], pad_id: int) -> Rows:
 
 
 def last_token_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`[n]` sequence rewards placed on each row's last response token: PPO's token rewards."""
+    """`[n]` sequence rewards placed on each row's last response token: PPO's token rewards.
+    Data-independent tensor ops only (no boolean indexing), so no host sync on a GPU."""
     positions = torch.arange(mask.size(1), device=mask.device).expand_as(mask)
     last = torch.where(mask > 0, positions, -1).amax(dim=1)
-    out = torch.zeros_like(mask, dtype=torch.float32)
-    has = last >= 0
-    out[has, last[has]] = rewards.float()[has]
-    return out
+    placed = torch.zeros_like(mask, dtype=torch.float32).scatter(
+        1, last.clamp(min=0)[:, None], rewards.float()[:, None])
+    return placed * (last >= 0).float()[:, None]
 
 
 def micro_batches(rows: Rows, micro_batch_size: int, device: torch.device) -> List[Rows]:

@@ -35,7 +35,7 @@ def test_grpo_rejects_bad_input():
         grpo_advantages(torch.ones(3, 1))
     with pytest.raises(ValueError, match=r"\[prompts, group\]"):
         grpo_advantages(torch.ones(3))
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
         grpo_advantages(torch.tensor([[1.0, float("nan")]]))
 
 
