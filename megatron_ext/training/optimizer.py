@@ -7,17 +7,15 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_ext.config.schema import Config
 
 
+# train.* fields that megatron's OptimizerConfig takes under the same name
+_SHARED_FIELDS = ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
+                  "clip_grad")
+
+
 def build_optimizer(cfg: Config, model_chunks):
-    t = cfg.train
     opt_config = OptimizerConfig(
         optimizer="adam",
-        lr=t.lr,
-        min_lr=t.min_lr,
-        weight_decay=t.weight_decay,
-        adam_beta1=t.adam_beta1,
-        adam_beta2=t.adam_beta2,
-        adam_eps=t.adam_eps,
-        clip_grad=t.clip_grad,
+        **{name: getattr(cfg.train, name) for name in _SHARED_FIELDS},
         bf16=cfg.model.dtype == "bf16",
         params_dtype=model_chunks[0].config.params_dtype,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
