@@ -1,1 +1,1 @@
-"""The pretraining / SFT recipe on the shared engine."""
+"""The pretraining / SFT recipe on the shared engine (megatron_ext.training)."""
