@@ -122,12 +122,12 @@ def test_checkpoint_helpers_survive_the_signals_slurm_sends_to_every_process():
     """SLURM signals every process of a job step, not only the tasks. megatron's save spawns a
     multiprocessing Manager (kept for the run) that would die of USR1/SIGTERM, and with it
     the checkpoint the signal asked for (EOFError in the save). Started inside
-    checkpoint.save's shield, it inherits a mask that blocks both signals."""
+    the checkpoint manager's shield, it inherits a mask that blocks both signals."""
     import multiprocessing as mp
     import signal
     import time
 
-    from megatron_ext.training.checkpoint import _children_shielded
+    from megatron_ext.training.checkpoint.manager import _children_shielded
 
     managers = {}
     for shielded in (False, True):
