@@ -29,7 +29,7 @@ import time
 
 from tests.dist._spawn import run_distributed
 
-LAYOUTS = {1: [], 4: ["parallel.tp=2", "parallel.pp=2"]}
+LAYOUTS = {1: [], 2: [], 4: ["parallel.tp=2", "parallel.pp=2"]}  # 2: DP2 (--worlds 2)
 
 
 def _commit_before(sharded, tmp, rank):
@@ -75,7 +75,7 @@ def _worker(rank, world_size, out, layers, repeats):
 
     cfg = compose_config(["logging=none", "model=1b", "model.dtype=fp32",
                           f"model.num_layers={layers}", "train.seq_len=16",
-                          "train.micro_batch_size=1", "train.global_batch_size=1",
+                          "train.micro_batch_size=1", "train.global_batch_size=4",
                           *LAYOUTS[world_size]])
     topo = topology.initialize(validate(cfg, world_size), seed=cfg.seed)
     model = build_model(cfg, topo, cfg.model.vocab_size)
@@ -140,7 +140,8 @@ def main() -> None:
             got = json.load(open(os.path.join(out, f"w{world}.json")))
             for mode, rows in got["rows"].items():
                 med = lambda k: statistics.median(r[k] for r in rows)
-                print(f"| {world} | {' x '.join(LAYOUTS[world]) or 'one process'} | {mode} | "
+                layout = " x ".join(o.split(".")[1] for o in LAYOUTS[world]) or f"dp={world}"
+                print(f"| {world} | {layout} | {mode} | "
                       f"{med('write_s'):.1f} | {med('commit_s'):.1f} | {med('total_s'):.1f} | "
                       f"{rows[0]['bytes'] / 1e9:.2f} |", flush=True)
     finally:
