@@ -114,7 +114,8 @@ class FidelityGateConfig:
 
 @dataclass
 class DataConfig:
-    source: str = one_of("task", "jsonl")  # the built-in arithmetic task, or a JSONL file
+    # the built-in arithmetic task, a JSONL file, or megatron indexed datasets (preprocess)
+    source: str = one_of("task", "jsonl", "indexed")
     path: Optional[str] = None  # JSONL file of {"prompt", "response"} when source=jsonl
     valid_path: Optional[str] = None  # held-out JSONL for the eval loss (optional)
     tokenizer: str = "byte"  # byte | path to a HF tokenizers JSON file
@@ -123,6 +124,11 @@ class DataConfig:
     pack: bool = True  # pack several examples into one sequence
     loss_on_prompt: bool = False  # SFT masks the prompt; pretrain sets this true
     on_malformed: str = one_of("error", "skip")  # a bad line stops, or is counted and reported
+    # source=indexed: [weight, PREFIX, weight, PREFIX, ...] or [PREFIX, ...] (.bin/.idx pairs)
+    blend: List[str] = field(default_factory=list)
+    # source=indexed: train, held-out and test shares of every dataset of the blend
+    split: List[float] = field(default_factory=lambda: [98.0, 2.0, 0.0])
+    cache_dir: Optional[str] = None  # source=indexed: sample indices; cache/ beside the data
     task: TaskConfig = field(default_factory=TaskConfig)
     fidelity_gate: FidelityGateConfig = field(default_factory=FidelityGateConfig)  # SFT data check
 

@@ -41,6 +41,34 @@ def _check_model_and_train(cfg: Config) -> None:
                           "folder; give a checkpoints/step_N path")
 
 
+def _check_blend(cfg: Config) -> None:
+    """data=indexed: the blend names existing .bin/.idx pairs (with positive weights when it
+    has weights) and data.split gives training a share."""
+    d = cfg.data
+    fix = "give data.blend='[0.7,data/a,0.3,data/b]' or '[data/a]' (preprocess writes them)"
+    if not d.blend:
+        raise ConfigError(f"data.source=indexed needs data.blend; {fix}")
+    weighted = len(d.blend) % 2 == 0 and len(d.blend) > 1
+    prefixes = d.blend[1::2] if weighted else d.blend
+    if weighted:
+        for w in d.blend[0::2]:
+            try:
+                ok = float(w) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"data.blend weight {w!r} is not a positive number; {fix}")
+    for prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(prefix + ext):
+                raise ConfigError(f"data.blend prefix {prefix!r}: {prefix + ext} does not exist; "
+                                  "run python -m megatron_ext.data.preprocess --output-prefix "
+                                  f"{prefix} first, or fix the path")
+    if len(d.split) != 3 or min(d.split) < 0 or d.split[0] <= 0:
+        raise ConfigError(f"data.split={list(d.split)} must be three shares [train, held-out, "
+                          "test], none negative and train > 0, e.g. [98,2,0]")
+
+
 def _check_data(cfg: Config) -> None:
     """The files the run reads exist: a missing one would fail only after the processes and
     the run directory exist."""
@@ -48,6 +76,8 @@ def _check_data(cfg: Config) -> None:
     if d.tokenizer != "byte":
         _need_file("data.tokenizer", d.tokenizer, "give a tokenizer.json path or "
                    "data.tokenizer=byte")
+    if d.source == "indexed":
+        _check_blend(cfg)
     if d.source == "jsonl":
         if not d.path:
             raise ConfigError("data.source=jsonl needs data.path=/path/to/train.jsonl")

@@ -74,3 +74,15 @@ def build_rows(cfg: Config, tokenizer, split: str = "train") -> TokenRows:
     tokens, mask, truncated = pack(examples, cfg.train.seq_len + 1, tokenizer.pad_id, packed)
     stats.update(examples=len(examples), rows=int(tokens.shape[0]), truncated=truncated)
     return TokenRows(tokens, mask, stats)
+
+
+def build_sources(cfg: Config, topo, tokenizer):
+    """(train source, held-out source or None) of the SFT/pretraining recipe, chosen by
+    data.source: each has `len` and `batch(indices)` (TokenRows, or IndexedSamples for
+    megatron's indexed datasets, read only where a pipeline stage needs tokens)."""
+    if cfg.data.source == "indexed":
+        from megatron_ext.data.indexed import build_indexed
+        return build_indexed(cfg, topo, tokenizer)
+    held = (build_rows(cfg, tokenizer, "heldout")
+            if cfg.data.source == "task" or cfg.data.valid_path else None)
+    return build_rows(cfg, tokenizer, "train"), held
