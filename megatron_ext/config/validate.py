@@ -103,9 +103,12 @@ def _check_rl_stage(cfg: Config) -> None:
         raise ConfigError(f"rl.init_checkpoint={path!r} is not a checkpoint folder; stage=rl "
                           "starts from an SFT run's weights: give rl.init_checkpoint="
                           "<sft run>/checkpoints/step_N")
-    if cfg.data.source != "task":
-        raise ConfigError(f"data.source={cfg.data.source!r}: stage=rl needs prompts with a "
-                          "verifiable answer; use data=task")
+    if cfg.data.source == "indexed":
+        raise ConfigError("data.source=indexed: stage=rl needs prompts with a verifiable "
+                          'answer; use data=task, or data=jsonl with {"prompt", "answer"} lines')
+    if cfg.data.source == "jsonl":
+        _need_file("data.valid_path", cfg.data.valid_path, 'stage=rl evaluates (and guards) on '
+                   'held-out problems: give a JSONL of {"prompt", "answer"} lines')
     if cfg.parallel.cp > 1:
         raise ConfigError(f"parallel.cp={cfg.parallel.cp}: stage=rl generates one token per "
                           "step, which context parallelism cannot split; set parallel.cp=1")
