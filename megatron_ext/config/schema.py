@@ -124,6 +124,8 @@ class DataConfig:
     pack: bool = True  # pack several examples into one sequence
     loss_on_prompt: bool = False  # SFT masks the prompt; pretrain sets this true
     on_malformed: str = one_of("error", "skip")  # a bad line stops, or is counted and reported
+    # an example longer than train.seq_len + 1 tokens is cut, left out, or stops the run
+    overlong: str = one_of("truncate", "drop", "error")
     # source=indexed: [weight, PREFIX, weight, PREFIX, ...] or [PREFIX, ...] (.bin/.idx pairs)
     blend: List[str] = field(default_factory=list)
     # source=indexed: train, held-out and test shares of every dataset of the blend

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from megatron_ext.config.schema import Config
-from megatron_ext.data.examples import DataError, encode_example, read_jsonl, task_examples
+from megatron_ext.data.chat import encode_chat
+from megatron_ext.data.examples import (DataError, Example, encode_example, read_jsonl,
+                                        task_examples)
 from megatron_ext.data.packing import pack
 from megatron_ext.data.task import ArithmeticTask
 
@@ -44,6 +46,41 @@ def _pairs(cfg: Config, split: str, path: Optional[str]):
     return list(read_jsonl(path, cfg.data.on_malformed, stats, key)), stats
 
 
+def encode_item(tokenizer, item, loss_on_prompt: bool) -> Example:
+    """A (prompt, response) pair, or a chat record's messages (through the chat template)."""
+    if isinstance(item, list):
+        if not hasattr(tokenizer, "apply_chat_template"):
+            raise DataError('a {"messages": ...} record needs a tokenizer with a chat template '
+                            "(data.tokenizer=<HF tokenizer directory>); data.tokenizer has none")
+        return encode_chat(tokenizer, item)
+    return encode_example(tokenizer, item[0], item[1], loss_on_prompt)
+
+
+def apply_overlong(examples: List[Example], row_len: int, policy: str,
+                   where: str) -> Tuple[List[Example], int]:
+    """data.overlong for examples longer than a row (train.seq_len + 1 tokens): "error" stops,
+    "drop" removes them (counted), "truncate" keeps them for `pack` to cut (counted there)."""
+    long = [i for i, ex in enumerate(examples) if len(ex.tokens) > row_len]
+    if not long or policy == "truncate":
+        return examples, 0
+    if policy == "error":
+        i = long[0]
+        raise DataError(f"{where} example {i + 1} has {len(examples[i].tokens)} tokens, more "
+                        f"than a row of train.seq_len + 1 = {row_len} ({len(long)} such "
+                        "examples); raise train.seq_len, or set data.overlong=truncate or drop")
+    skip = set(long)
+    return [ex for i, ex in enumerate(examples) if i not in skip], len(long)
+
+
+def summary(rows) -> str:
+    """One line on what the data became: examples, rows, and the over-long ones."""
+    s = getattr(rows, "stats", {})
+    if "examples" not in s:
+        return f"data: {len(rows)} samples"
+    return (f"data: {s['examples']} examples in {s['rows']} rows; over-long: {s['truncated']} "
+            f"truncated, {s['dropped']} dropped; {s.get('skipped', 0)} malformed lines skipped")
+
+
 def build_rows(cfg: Config, tokenizer, split: str = "train") -> TokenRows:
     """Packed training rows (split="train") or one padded row per held-out example."""
     path = cfg.data.path if split == "train" else cfg.data.valid_path
@@ -60,8 +97,8 @@ def build_rows(cfg: Config, tokenizer, split: str = "train") -> TokenRows:
                "passed over them" if skipped else "it has no non-empty line")
         raise DataError(f"the {split} data {path!r} is empty: {why}; give a file with at least "
                         'one {"prompt": ..., "response": ...} line')
-    examples = [encode_example(tokenizer, p, r, cfg.data.loss_on_prompt or cfg.stage == "pretrain")
-                for p, r in pairs]
+    examples = [encode_item(tokenizer, item, cfg.data.loss_on_prompt or cfg.stage == "pretrain")
+                for item in pairs]
     for i, ex in enumerate(examples):
         bad = [t for t in ex.tokens if not 0 <= t < tokenizer.vocab_size]
         if bad:
@@ -71,8 +108,11 @@ def build_rows(cfg: Config, tokenizer, split: str = "train") -> TokenRows:
                             f"{cfg.data.tokenizer!r}; the tokenizer file is inconsistent (an "
                             "added token beyond its vocab size?): fix it or use another")
     packed = cfg.data.pack and split == "train"
+    examples, dropped = apply_overlong(examples, cfg.train.seq_len + 1, cfg.data.overlong,
+                                       repr(path) if path else "the built-in task")
     tokens, mask, truncated = pack(examples, cfg.train.seq_len + 1, tokenizer.pad_id, packed)
-    stats.update(examples=len(examples), rows=int(tokens.shape[0]), truncated=truncated)
+    stats.update(examples=len(examples), rows=int(tokens.shape[0]), truncated=truncated,
+                 dropped=dropped)
     return TokenRows(tokens, mask, stats)
 
 
