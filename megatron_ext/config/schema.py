@@ -56,7 +56,8 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = bounded(100, at_least=1, what="optimizer steps")  # optimizer steps
+    # optimizer steps (0: evaluate the starting weights on the held-out data and exit)
+    steps: int = bounded(100, at_least=0, what="optimizer steps; 0 only evaluates")
     seq_len: int = bounded(64, at_least=1, what="tokens per sample")  # tokens per sample
     micro_batch_size: int = 4  # samples per micro-batch per DP rank
     # samples per optimizer step, all DP ranks together

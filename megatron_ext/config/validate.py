@@ -85,6 +85,12 @@ def _check_data(cfg: Config) -> None:
         if d.valid_path:
             _need_file("data.valid_path", d.valid_path,
                        "give a held-out JSONL file, or data.valid_path=null for no eval loss")
+    if cfg.train.steps == 0 and cfg.stage != "rl" and (
+            (d.source == "jsonl" and not d.valid_path)
+            or (d.source == "indexed" and (len(d.split) < 2 or d.split[1] <= 0))):
+        raise ConfigError("train.steps=0 only evaluates, but the run has no held-out data; "
+                          "give data.valid_path (data=jsonl) or a held-out share in data.split "
+                          "(data=indexed), or train.steps > 0")
     gate = d.fidelity_gate
     if gate.enabled:
         if d.source != "jsonl":

@@ -100,4 +100,4 @@ def build_indexed(cfg, topo, tokenizer) -> Tuple[IndexedSamples, Optional[Indexe
     reads = topo is None or topo.is_first_stage or topo.is_last_stage
     train, valid, _ = build_splits(cfg, tokenizer, sizes, reads)
     held = IndexedSamples(valid, valid_n, t.seq_len) if has_valid else None
-    return IndexedSamples(train, train_n, t.seq_len), held
+    return IndexedSamples(train, max(train_n, 1), t.seq_len), held  # steps=0: one, unused
