@@ -49,8 +49,8 @@ def read_jsonl(path: str, on_malformed: str = "error",
                 else:
                     item = obj.get("prompt"), obj.get("response")
                     if not all(isinstance(x, str) for x in item):
-                        raise ValueError('needs string fields "prompt" and "response" (or '
-                                         '"messages")')
+                        raise ValueError('needs string fields "prompt" and "response"), or '
+                                         'a "messages" list (a chat')
             except ValueError as err:
                 if on_malformed == "skip":
                     stats["skipped"] += 1
