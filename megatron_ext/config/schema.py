@@ -123,6 +123,9 @@ class DataConfig:
     # training problems drawn from the task
     num_samples: int = bounded(20000, at_least=1, what="training problems drawn from the task")
     pack: bool = True  # pack several examples into one sequence
+    # packed examples attend only within themselves, positions restarting at 0 (sdpa or local
+    # attention, parallel.cp=1)
+    isolate_documents: bool = False
     loss_on_prompt: bool = False  # SFT masks the prompt; pretrain sets this true
     on_malformed: str = one_of("error", "skip")  # a bad line stops, or is counted and reported
     # an example longer than train.seq_len + 1 tokens is cut, left out, or stops the run

@@ -10,7 +10,7 @@ from megatron_ext.config.schema import Config
 from megatron_ext.data.chat import encode_chat
 from megatron_ext.data.examples import (DataError, Example, encode_example, read_jsonl,
                                         task_examples)
-from megatron_ext.data.packing import pack
+from megatron_ext.data.packing import document_positions, pack_documents
 from megatron_ext.data.task import ArithmeticTask
 
 
@@ -19,20 +19,31 @@ class TokenRows:
     tokens: torch.Tensor  # [n, seq_len + 1]
     loss_mask: torch.Tensor  # [n, seq_len + 1]; position t weights the target tokens[t]
     stats: Dict[str, int]
+    # [n, seq_len + 1] document number of each token in its row, when packed documents are
+    # isolated (data.isolate_documents): the batches then carry document_ids
+    documents: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
     def batch(self, indices: List[int]) -> Dict[str, torch.Tensor]:
-        """Inputs, shifted labels, the labels' loss mask and positions for a micro-batch."""
+        """Inputs, shifted labels, the labels' loss mask and positions for a micro-batch; with
+        isolated documents also their document ids, positions restarting at 0 in each, and no
+        loss on a target that belongs to the next document."""
         rows, mask = self.tokens[indices], self.loss_mask[indices]
         seq = rows.shape[1] - 1
-        return {
+        batch = {
             "tokens": rows[:, :-1].contiguous(),
             "labels": rows[:, 1:].contiguous(),
             "loss_mask": mask[:, 1:].float().contiguous(),
             "position_ids": torch.arange(seq).unsqueeze(0).expand(rows.shape[0], -1).contiguous(),
         }
+        if self.documents is not None:
+            docs = self.documents[indices]
+            batch["document_ids"] = docs[:, :-1].contiguous()
+            batch["position_ids"] = document_positions(batch["document_ids"])
+            batch["loss_mask"] *= (docs[:, 1:] == docs[:, :-1]).float()
+        return batch
 
 
 def _pairs(cfg: Config, split: str, path: Optional[str]):
@@ -110,10 +121,11 @@ def build_rows(cfg: Config, tokenizer, split: str = "train") -> TokenRows:
     packed = cfg.data.pack and split == "train"
     examples, dropped = apply_overlong(examples, cfg.train.seq_len + 1, cfg.data.overlong,
                                        repr(path) if path else "the built-in task")
-    tokens, mask, truncated = pack(examples, cfg.train.seq_len + 1, tokenizer.pad_id, packed)
+    tokens, mask, docs, truncated = pack_documents(examples, cfg.train.seq_len + 1,
+                                                   tokenizer.pad_id, packed)
     stats.update(examples=len(examples), rows=int(tokens.shape[0]), truncated=truncated,
                  dropped=dropped)
-    return TokenRows(tokens, mask, stats)
+    return TokenRows(tokens, mask, stats, docs if packed and cfg.data.isolate_documents else None)
 
 
 def build_sources(cfg: Config, topo, tokenizer):
