@@ -70,7 +70,8 @@ class RLRecipe:
                                        topo, micro_batch_size=cfg.train.micro_batch_size,
                                        seq_length=cfg.train.seq_len).freeze()
         train, heldout = rl_problems(cfg, self.tokenizer)
-        self.pool, self.heldout = PromptPool(train, self.tokenizer), PromptPool(heldout, self.tokenizer)
+        self.pool = PromptPool(train, self.tokenizer)
+        self.heldout = PromptPool(heldout, self.tokenizer)
         # teacher-forced rows need reference solutions: the task's (JSONL problems have answers)
         self.heldout_rows = (build_rows(cfg, self.tokenizer, "heldout")
                              if cfg.data.source == "task" else None)
