@@ -137,6 +137,7 @@ setup(
         "pyyaml",
         "psutil",  # megatron dist_checkpointing's writer processes
         "tokenizers",  # HF tokenizer.json files (data.tokenizer=PATH)
+        "math-verify==0.9.0",  # the math reward (rl.rewards name: math); parses, never evaluates
         "matplotlib",  # trace-fidelity report histograms
     ],
     package_data={"launch": ["templates/*"]},

@@ -2,6 +2,7 @@
 choices and bounds on the fields and `check_rl` for the rules that tie fields together."""
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -11,12 +12,13 @@ from megatron_ext.config.fields import ConfigError, bounded, one_of
 # The rewards a config may name: megatron_ext.rl.rewards registers a function under each
 # (@register_reward). A new reward is registered there and named here, so that the launcher
 # checks rl.rewards without importing the rewards (and torch).
-REWARD_NAMES = ("task_correct", "format")
+REWARD_NAMES = ("task_correct", "format", "math")
 
 
 @dataclass
 class RewardSpec:
-    name: str = one_of(*REWARD_NAMES)  # a registered reward (megatron_ext.rl.rewards)
+    # a registered reward (megatron_ext.rl.rewards), or a user function `module:function`
+    name: str = "task_correct"
     weight: float = 1.0  # its weight in the summed reward
 
 
@@ -96,5 +98,25 @@ def check_rl(rl: RLConfig) -> None:
     if not rl.rewards:
         raise ConfigError("rl.rewards is empty; give at least one {name, weight}")
     for i, spec in enumerate(rl.rewards):
+        check_reward_name(f"rl.rewards[{i}].name", spec.name)
         if not math.isfinite(spec.weight):
             raise ConfigError(f"rl.rewards[{i}].weight={spec.weight} must be finite")
+
+
+def check_reward_name(key: str, name: str) -> None:
+    """A registered reward, or `module:function` whose module can be found (found, not
+    imported: config/ is the leaf; the recipe imports it)."""
+    if ":" not in name:
+        if name not in REWARD_NAMES:
+            raise ConfigError(f"{key}={name!r} is not one of {', '.join(REWARD_NAMES)}; pick one "
+                              "of these, or name your own function as module:function")
+        return
+    module, _, attr = name.partition(":")
+    try:
+        found = bool(module and attr) and importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that does not import
+        found = False
+    if not found:
+        raise ConfigError(f"{key}={name!r}: module {module!r} is not importable (or no function "
+                          "is named after the colon); give module:function of a module on "
+                          "PYTHONPATH")

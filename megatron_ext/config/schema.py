@@ -56,7 +56,8 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = bounded(100, at_least=1, what="optimizer steps")  # optimizer steps
+    # optimizer steps (0: evaluate the starting weights on the held-out data and exit)
+    steps: int = bounded(100, at_least=0, what="optimizer steps; 0 only evaluates")
     seq_len: int = bounded(64, at_least=1, what="tokens per sample")  # tokens per sample
     micro_batch_size: int = 4  # samples per micro-batch per DP rank
     # samples per optimizer step, all DP ranks together
@@ -114,15 +115,26 @@ class FidelityGateConfig:
 
 @dataclass
 class DataConfig:
-    source: str = one_of("task", "jsonl")  # the built-in arithmetic task, or a JSONL file
+    # the built-in arithmetic task, a JSONL file, or megatron indexed datasets (preprocess)
+    source: str = one_of("task", "jsonl", "indexed")
     path: Optional[str] = None  # JSONL file of {"prompt", "response"} when source=jsonl
     valid_path: Optional[str] = None  # held-out JSONL for the eval loss (optional)
     tokenizer: str = "byte"  # byte | path to a HF tokenizers JSON file
     # training problems drawn from the task
     num_samples: int = bounded(20000, at_least=1, what="training problems drawn from the task")
     pack: bool = True  # pack several examples into one sequence
+    # packed examples attend only within themselves, positions restarting at 0 (sdpa or local
+    # attention, parallel.cp=1)
+    isolate_documents: bool = False
     loss_on_prompt: bool = False  # SFT masks the prompt; pretrain sets this true
     on_malformed: str = one_of("error", "skip")  # a bad line stops, or is counted and reported
+    # an example longer than train.seq_len + 1 tokens is cut, left out, or stops the run
+    overlong: str = one_of("truncate", "drop", "error")
+    # source=indexed: [weight, PREFIX, weight, PREFIX, ...] or [PREFIX, ...] (.bin/.idx pairs)
+    blend: List[str] = field(default_factory=list)
+    # source=indexed: train, held-out and test shares of every dataset of the blend
+    split: List[float] = field(default_factory=lambda: [98.0, 2.0, 0.0])
+    cache_dir: Optional[str] = None  # source=indexed: sample indices; cache/ beside the data
     task: TaskConfig = field(default_factory=TaskConfig)
     fidelity_gate: FidelityGateConfig = field(default_factory=FidelityGateConfig)  # SFT data check
 

@@ -41,6 +41,34 @@ def _check_model_and_train(cfg: Config) -> None:
                           "folder; give a checkpoints/step_N path")
 
 
+def _check_blend(cfg: Config) -> None:
+    """data=indexed: the blend names existing .bin/.idx pairs (with positive weights when it
+    has weights) and data.split gives training a share."""
+    d = cfg.data
+    fix = "give data.blend='[0.7,data/a,0.3,data/b]' or '[data/a]' (preprocess writes them)"
+    if not d.blend:
+        raise ConfigError(f"data.source=indexed needs data.blend; {fix}")
+    weighted = len(d.blend) % 2 == 0 and len(d.blend) > 1
+    prefixes = d.blend[1::2] if weighted else d.blend
+    if weighted:
+        for w in d.blend[0::2]:
+            try:
+                ok = float(w) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"data.blend weight {w!r} is not a positive number; {fix}")
+    for prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(prefix + ext):
+                raise ConfigError(f"data.blend prefix {prefix!r}: {prefix + ext} does not exist; "
+                                  "run python -m megatron_ext.data.preprocess --output-prefix "
+                                  f"{prefix} first, or fix the path")
+    if len(d.split) != 3 or min(d.split) < 0 or d.split[0] <= 0:
+        raise ConfigError(f"data.split={list(d.split)} must be three shares [train, held-out, "
+                          "test], none negative and train > 0, e.g. [98,2,0]")
+
+
 def _check_data(cfg: Config) -> None:
     """The files the run reads exist: a missing one would fail only after the processes and
     the run directory exist."""
@@ -48,6 +76,8 @@ def _check_data(cfg: Config) -> None:
     if d.tokenizer != "byte":
         _need_file("data.tokenizer", d.tokenizer, "give a tokenizer.json path or "
                    "data.tokenizer=byte")
+    if d.source == "indexed":
+        _check_blend(cfg)
     if d.source == "jsonl":
         if not d.path:
             raise ConfigError("data.source=jsonl needs data.path=/path/to/train.jsonl")
@@ -55,6 +85,19 @@ def _check_data(cfg: Config) -> None:
         if d.valid_path:
             _need_file("data.valid_path", d.valid_path,
                        "give a held-out JSONL file, or data.valid_path=null for no eval loss")
+    if cfg.train.steps == 0 and cfg.stage != "rl" and (
+            (d.source == "jsonl" and not d.valid_path)
+            or (d.source == "indexed" and (len(d.split) < 2 or d.split[1] <= 0))):
+        raise ConfigError("train.steps=0 only evaluates, but the run has no held-out data; "
+                          "give data.valid_path (data=jsonl) or a held-out share in data.split "
+                          "(data=indexed), or train.steps > 0")
+    if d.isolate_documents and d.pack and d.source != "indexed" and cfg.stage != "rl" and (
+            cfg.parallel.cp > 1 or cfg.model.attention_backend not in ("sdpa", "local")):
+        raise ConfigError(
+            f"data.isolate_documents=true masks attention per packed document, which "
+            f"model.attention_backend={cfg.model.attention_backend} with parallel.cp="
+            f"{cfg.parallel.cp} does not do; use model.attention_backend=sdpa (or local) with "
+            "parallel.cp=1, or data.isolate_documents=false")
     gate = d.fidelity_gate
     if gate.enabled:
         if d.source != "jsonl":
@@ -73,9 +116,12 @@ def _check_rl_stage(cfg: Config) -> None:
         raise ConfigError(f"rl.init_checkpoint={path!r} is not a checkpoint folder; stage=rl "
                           "starts from an SFT run's weights: give rl.init_checkpoint="
                           "<sft run>/checkpoints/step_N")
-    if cfg.data.source != "task":
-        raise ConfigError(f"data.source={cfg.data.source!r}: stage=rl needs prompts with a "
-                          "verifiable answer; use data=task")
+    if cfg.data.source == "indexed":
+        raise ConfigError("data.source=indexed: stage=rl needs prompts with a verifiable "
+                          'answer; use data=task, or data=jsonl with {"prompt", "answer"} lines')
+    if cfg.data.source == "jsonl":
+        _need_file("data.valid_path", cfg.data.valid_path, 'stage=rl evaluates (and guards) on '
+                   'held-out problems: give a JSONL of {"prompt", "answer"} lines')
     if cfg.parallel.cp > 1:
         raise ConfigError(f"parallel.cp={cfg.parallel.cp}: stage=rl generates one token per "
                           "step, which context parallelism cannot split; set parallel.cp=1")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple, Union
 
 from megatron_ext.data.task import ArithmeticTask
 
@@ -26,10 +26,11 @@ def encode_example(tokenizer, prompt: str, response: str, loss_on_prompt: bool) 
 
 
 def read_jsonl(path: str, on_malformed: str = "error",
-               stats: Optional[dict] = None, key: str = "data.path") -> Iterator[Tuple[str, str]]:
-    """(prompt, response) pairs. A malformed line raises DataError naming file:line, or with
-    on_malformed="skip" is counted in stats["skipped"] and passed over. `key` is the config
-    field the path came from, for the messages."""
+               stats: Optional[dict] = None, key: str = "data.path"
+               ) -> Iterator[Union[Tuple[str, str], list]]:
+    """(prompt, response) pairs, or a chat record's messages list. A malformed line raises
+    DataError naming file:line, or with on_malformed="skip" is counted in stats["skipped"] and
+    passed over. `key` is the config field the path came from, for the messages."""
     if not os.path.isfile(path):
         raise DataError(f"data file {path!r} does not exist; check {key}")
     stats = stats if stats is not None else {}
@@ -42,16 +43,21 @@ def read_jsonl(path: str, on_malformed: str = "error",
                 obj = json.loads(raw.decode("utf-8"))
                 if not isinstance(obj, dict):
                     raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-                prompt, response = obj.get("prompt"), obj.get("response")
-                if not isinstance(prompt, str) or not isinstance(response, str):
-                    raise ValueError('needs string fields "prompt" and "response"')
+                if "messages" in obj:
+                    from megatron_ext.data.chat import check_messages  # chat imports Example
+                    item = check_messages(obj["messages"])
+                else:
+                    item = obj.get("prompt"), obj.get("response")
+                    if not all(isinstance(x, str) for x in item):
+                        raise ValueError('needs string fields "prompt" and "response"), or '
+                                         'a "messages" list (a chat')
             except ValueError as err:
                 if on_malformed == "skip":
                     stats["skipped"] += 1
                     continue
                 raise DataError(f"{path}:{lineno}: malformed line ({err}); fix the line or "
                                 "set data.on_malformed=skip") from None
-            yield prompt, response
+            yield item
 
 
 def task_examples(task: ArithmeticTask, n: int, split: str = "train") -> List[Tuple[str, str]]:

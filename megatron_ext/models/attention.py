@@ -52,6 +52,16 @@ def resolve_backend(name: str, dtype: str) -> str:
     return name
 
 
+def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """The attention mask of packed documents, megatron's convention (True = masked out):
+    `[b, s]` document ids -> `[b, 1, s, s]`, where a query sees the earlier keys of its own
+    document only (causal and block-diagonal)."""
+    s = document_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
+    same = document_ids[:, :, None] == document_ids[:, None, :]
+    return ~(same & causal).unsqueeze(1)
+
+
 def ring_kernel(backend: str) -> str:
     """The ring attention block kernel that goes with a resolved backend."""
     return "torch" if backend == "local" else "sdpa"
@@ -119,6 +129,13 @@ class _CoreAttention(torch.nn.Module):
         )
 
 
+def _refuse_document_mask(module, attention_mask) -> None:
+    if attention_mask is not None:
+        raise ValueError(f"{type(module).__name__} cannot isolate packed documents (a document "
+                         "mask); use model.attention_backend=sdpa or local with parallel.cp=1, "
+                         "or data.isolate_documents=false")
+
+
 class SDPACoreAttention(_CoreAttention):
     """Megatron ``core_attention`` on torch.nn.functional.scaled_dot_product_attention.
 
@@ -133,7 +150,9 @@ class SDPACoreAttention(_CoreAttention):
         sq, b, heads, hn = query.shape
         sk = key.shape[0]
         mask = None
-        if causal and 1 < sq != sk:
+        if attention_mask is not None and causal and sq == sk:  # packed documents (document_mask)
+            mask, causal = ~attention_mask, False
+        elif causal and 1 < sq != sk:
             from torch.nn.attention.bias import causal_lower_right
 
             mask = causal_lower_right(sq, sk)
@@ -162,6 +181,7 @@ class FlashCoreAttention(_CoreAttention):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         causal = self._causal(attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+        _refuse_document_mask(self, attention_mask)
         if query.dtype not in (torch.float16, torch.bfloat16) or not query.is_cuda:
             raise ValueError(
                 f"FlashCoreAttention got {query.dtype} on {query.device}: flash-attn runs fp16 "
@@ -200,6 +220,7 @@ class RingCoreAttention(_CoreAttention):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         causal = self._causal(attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+        _refuse_document_mask(self, attention_mask)
         sq, b = query.shape[:2]
         out = ring_attention(
             *(t.transpose(0, 1) for t in (query, key, value)),  # [b, s, h, d]

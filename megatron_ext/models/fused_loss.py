@@ -25,6 +25,25 @@ class VocabGPTModel(GPTModel):
             raise ValueError(f"real_vocab_size={real_vocab_size} must be in [1, "
                              f"{self.vocab_size}], the padded vocab")
         self.real_vocab_size = real_vocab_size
+        self._document_positions = None
+
+    def forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):
+        """With an attention mask (packed documents: models.attention.document_mask), RoPE
+        takes each token's position from `position_ids` (restarting at 0 in every document)
+        instead of its index in the row."""
+        self._document_positions = position_ids if attention_mask is not None else None
+        try:
+            return super().forward(input_ids, position_ids, attention_mask, *args, **kwargs)
+        finally:
+            self._document_positions = None
+
+    def _preprocess(self, *args, **kwargs):
+        out = super()._preprocess(*args, **kwargs)
+        positions = self._document_positions
+        if positions is None or out[1] is None:
+            return out
+        table = self.rotary_pos_emb.get_emb(int(positions.max()) + 1)  # [n, 1, 1, d]
+        return (out[0], table[positions.t(), 0], *out[2:])  # [s, b, 1, d] against [s, b, h, d]
 
     def compute_language_model_loss(self, labels, logits):
         """megatron's loss with this shard's padding columns at -inf: they add exp(-inf) = 0

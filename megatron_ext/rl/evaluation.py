@@ -1,12 +1,12 @@
 """Held-out answer accuracy by generation: greedy rollouts on held-out prompts, judged by the
-task verifier (task_correct). Unlike teacher-forced exact match it accepts any solution whose
+verifier (rewards.is_correct: the task's, or math-verify for JSONL problems). Unlike teacher-forced exact match it accepts any solution whose
 final answer is right, which is what RL optimises."""
 from __future__ import annotations
 
 from typing import Sequence, Tuple
 
 from megatron_ext.rl.experience import PromptPool
-from megatron_ext.rl.rewards import task_correct
+from megatron_ext.rl.rewards import is_correct
 from megatron_ext.models.generate import SamplingParams, generate
 
 
@@ -21,5 +21,5 @@ def heldout_accuracy(model, pool: PromptPool, *, max_new_tokens: int, stop: Sequ
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=tuple(stop))
     out = generate(model, [pool.prompts[i] for i in mine], tokenizer, params,
                    vocab_size=vocab_size, generator=None, tp_group=tp_group, pp_group=pp_group)
-    solved = sum(task_correct(text, pool.problems[i]) for text, i in zip(out.texts, mine))
+    solved = sum(is_correct(text, pool.problems[i]) for text, i in zip(out.texts, mine))
     return float(solved), float(len(mine))

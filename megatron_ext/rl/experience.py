@@ -11,7 +11,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from megatron_ext.rl.filtering import FillResult, PassRateHistory, fill_batch
-from megatron_ext.rl.rewards import CombinedReward, task_correct
+from megatron_ext.rl.rewards import CombinedReward, is_correct
 from megatron_ext.models.generate import SamplingParams, generate
 
 
@@ -24,7 +24,7 @@ class Group:
     response_mask: torch.Tensor
     logprobs: torch.Tensor
     rewards: torch.Tensor  # [G] fp32: the configured (weighted) reward
-    correct: torch.Tensor  # [G] fp32: the task verifier (task_correct); the pass rate's source
+    correct: torch.Tensor  # [G] fp32: the verifier (rewards.is_correct); the pass rate's source
     response_lens: torch.Tensor  # [G]
     truncated: int  # responses cut at max_new_tokens
 
@@ -57,7 +57,7 @@ def sample_groups(model, pool: PromptPool, indices: Sequence[int], *, group_size
     out = generate(model, prompts, tokenizer, params, vocab_size=vocab_size,
                    generator=generator, tp_group=tp_group, pp_group=pp_group)
     total, _ = reward.score(out.texts, problems)
-    correct = torch.tensor([task_correct(t, p) for t, p in zip(out.texts, problems)])
+    correct = torch.tensor([is_correct(t, p) for t, p in zip(out.texts, problems)])
     groups = []
     for g, index in enumerate(indices):
         rows = slice(g * group_size, (g + 1) * group_size)

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from megatron_ext.data.dataset import build_rows
-from megatron_ext.data.task import ArithmeticTask
+from megatron_ext.data.problems import rl_problems
 from megatron_ext.data.tokenizer import build_tokenizer
 from megatron_ext.models.critic import HEAD, build_critic, critic_config
 from megatron_ext.models.generate import SamplingParams
@@ -69,11 +69,12 @@ class RLRecipe:
             self.reference = ModelUnit("reference", build_gpt_chunks(cfg, topo, self.vocab_size),
                                        topo, micro_batch_size=cfg.train.micro_batch_size,
                                        seq_length=cfg.train.seq_len).freeze()
-        t = cfg.data.task
-        task = ArithmeticTask(t.seed, t.min_ops, t.max_ops, t.max_operand)
-        self.pool = PromptPool(task.take(cfg.data.num_samples, "train"), self.tokenizer)
-        self.heldout = PromptPool(task.take(cfg.train.eval_samples, "heldout"), self.tokenizer)
-        self.heldout_rows = build_rows(cfg, self.tokenizer, "heldout")
+        train, heldout = rl_problems(cfg, self.tokenizer)
+        self.pool = PromptPool(train, self.tokenizer)
+        self.heldout = PromptPool(heldout, self.tokenizer)
+        # teacher-forced rows need reference solutions: the task's (JSONL problems have answers)
+        self.heldout_rows = (build_rows(cfg, self.tokenizer, "heldout")
+                             if cfg.data.source == "task" else None)
         self.reward = CombinedReward(rl.rewards)
         self.history = PassRateHistory(rl.band_low, rl.band_high)
         self.buffer = TrajectoryBuffer(epochs=rl.ppo_epochs, mini_batches=rl.mini_batches,
@@ -294,17 +295,20 @@ class RLRecipe:
         """Held-out answer accuracy by greedy generation (`accuracy`), beside the teacher-forced
         held-out loss and exact match."""
         topo = self.topo
-        lm = heldout_lm(self.policy, self.heldout_rows, self.vocab_size)
+        lm = (heldout_lm(self.policy, self.heldout_rows, self.vocab_size)
+              if self.heldout_rows is not None else None)
         solved, count = heldout_accuracy(
             self.policy.chunks, self.heldout, max_new_tokens=self.rl.max_new_tokens,
             stop=self.rl.stop, tokenizer=self.tokenizer, vocab_size=self.vocab_size,
             dp_rank=topo.dp_rank, dp_size=topo.dims.dp, tp_group=topo.tp_group,
             pp_group=topo.pp_group)
         solved, count = collectives.reduce_floats([solved, count], contribute=self.policy.reports)
-        rec = {"step": step, "split": "eval", "loss": lm["loss"],
-               "exact_match": lm["exact_match"], "accuracy": solved / max(count, 1.0),
+        rec = {"step": step, "split": "eval", "accuracy": solved / max(count, 1.0),
                "samples": int(count)}
-        self.log(f"eval  step {step:>5} | held-out accuracy {rec['accuracy']:.1%} "
-                 f"({rec['samples']} problems, greedy generation, answer checked) | exact "
-                 f"match {rec['exact_match']:.1%} | held-out loss {rec['loss']:.4f}")
+        line = (f"eval  step {step:>5} | held-out accuracy {rec['accuracy']:.1%} "
+                f"({rec['samples']} problems, greedy generation, answer checked)")
+        if lm is not None:
+            rec |= {"loss": lm["loss"], "exact_match": lm["exact_match"]}
+            line += f" | exact match {lm['exact_match']:.1%} | held-out loss {lm['loss']:.4f}"
+        self.log(line)
         return rec

@@ -1,11 +1,14 @@
 """Reward functions by name, and their weighted sum from the config (`rl.rewards`).
 
-A reward function maps (response text, problem) to a float; the problem is anything with an
-`answer` attribute (the built-in task's `Problem`). Model text is only parsed with regular
-expressions: nothing it contains is ever evaluated or executed.
+A reward function maps (response text, problem) to a float; the problem is the built-in
+task's `Problem`, or a JSONL record (data.problems.ProblemRecord: the line's dict, with its
+"answer"). Besides the registered names, `rl.rewards` may name a user function by import path,
+`mypkg.rewards:score`, called as `fn(response, record) -> float`. Model text is only scanned
+and parsed (math-verify for `math`): nothing it contains is ever evaluated or executed.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import re
 from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
@@ -34,6 +37,14 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
 
 
 def get_reward(name: str) -> RewardFn:
+    """A registered reward, or `module:function` imported."""
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        fn = getattr(importlib.import_module(module), attr, None)
+        if not callable(fn):
+            raise ValueError(f"reward {name!r}: module {module!r} has no function {attr!r}; "
+                             "give rl.rewards name as module:function")
+        return fn
     if name not in _REGISTRY:
         raise KeyError(f"reward {name!r} is not registered; known: {', '.join(sorted(_REGISTRY))}"
                        " (add one with @register_reward)")
@@ -52,6 +63,22 @@ def target_format(response: str, problem: Any) -> float:
     """1 when the whole response is step lines followed by a final `A: <int>` line, else 0.
     Only the shape is checked; `task_correct` judges the answer."""
     return float(_TARGET_FORMAT.fullmatch(response) is not None)
+
+
+@register_reward("math")
+def math_reward(response: str, problem: Any) -> float:
+    """1 when the final answer (last \\boxed{...}, else `#### x`, else "the answer is x")
+    equals the problem's answer by math-verify, else 0 (see rl.math_answer)."""
+    from megatron_ext.rl.math_answer import math_correct
+    return math_correct(response, problem["answer"] if isinstance(problem, Mapping)
+                        else problem.answer)
+
+
+def is_correct(response: str, problem: Any) -> float:
+    """The pass-rate verifier: the task's exact integer check for its problems, math-verify
+    for JSONL records."""
+    return (math_reward(response, problem) if isinstance(problem, Mapping)
+            else task_correct(response, problem))
 
 
 class CombinedReward:

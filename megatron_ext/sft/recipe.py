@@ -6,7 +6,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from megatron_ext.data.dataset import build_rows
+from megatron_ext.data.dataset import build_sources, summary
 from megatron_ext.data.sampler import GlobalBatchSampler
 from megatron_ext.data.tokenizer import build_tokenizer
 from megatron_ext.models.gpt import build_model, model_vocab_size
@@ -34,9 +34,8 @@ class SFTRecipe:
         self.cfg, self.topo, self.log = cfg, topo, log
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         self.vocab_size = model_vocab_size(cfg, self.tokenizer)
-        self.train_rows = build_rows(cfg, self.tokenizer, "train")
-        self.eval_rows = (build_rows(cfg, self.tokenizer, "heldout")
-                          if cfg.data.source == "task" or cfg.data.valid_path else None)
+        self.train_rows, self.eval_rows = build_sources(cfg, topo, self.tokenizer)
+        log(summary(self.train_rows))
         self.policy = trained_unit("model", cfg, topo, build_model(cfg, topo, self.vocab_size))
         self.units = {"model": self.policy}
         self.shape = model_shape(cfg.model, self.vocab_size, self.policy.chunks)

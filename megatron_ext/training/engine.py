@@ -20,6 +20,7 @@ import torch
 from megatron.core.optimizer import clip_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_ext.models.attention import document_mask
 from megatron_ext.training import collectives
 from megatron_ext.training.optimizer import build_optimizer, build_scheduler
 from parallel.context import zigzag_split
@@ -97,7 +98,9 @@ class ModelUnit:
 
         def step(data_iterator, model):
             batch = next(data_iterator)
-            out = model(batch["tokens"], batch["position_ids"], None,
+            docs = batch.get("document_ids")  # packed documents attend only within themselves
+            out = model(batch["tokens"], batch["position_ids"],
+                        None if docs is None else document_mask(docs),
                         labels=batch["labels"] if labels else None)
             return out, functools.partial(output_fn, batch)
 

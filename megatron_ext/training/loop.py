@@ -200,8 +200,10 @@ class TrainLoop:
         return None
 
     def finish(self) -> Dict:
-        """The last save and the final eval (unless this step's is already done)."""
-        if self.cfg.train.save_interval and self.checkpoints.last_saved_step != self.step:
+        """The last save (none for train.steps=0: nothing trained) and the final eval (unless
+        this step's is already done)."""
+        if (self.steps and self.cfg.train.save_interval
+                and self.checkpoints.last_saved_step != self.step):
             self.save()
         self.checkpoints.finish()
         if self.last_eval is None or self.last_eval["step"] != self.step:

@@ -63,7 +63,7 @@ def test_layout_rules(overrides, world, message):
     (["train.seq_len=128", "model.max_position_embeddings=64"],
      "train.seq_len=128 exceeds model.max_position_embeddings=64"),
     (["train.min_lr=1.0", "train.lr=0.1"], "need 0 <= train.min_lr <= train.lr"),
-    (["train.steps=0"], "train.steps=0 must be >= 1"),
+    (["train.steps=-1"], "train.steps=-1 must be >= 0"),
     (["rl.kl_mode=bogus"], "rl.kl_mode='bogus' is not one of loss, reward; pick one of these"),
     (["rl.ppo_epochs=0"], "rl.ppo_epochs=0 must be >= 1; set it to 1 or more"),
     (["cluster.cpus_per_task=0"], "cluster.cpus_per_task=0 must be >= 1"),

@@ -33,7 +33,8 @@ def test_rl_groups_select_the_algorithm(tmp_path):
     (["rl.rewards=[{name: nope, weight: 1.0}]"],
      "rl.rewards[0].name='nope' is not one of task_correct, format"),
     (["rl.rewards=[]"], "rl.rewards is empty"),
-    (["data=jsonl", "data.path=x.jsonl"], "data.source='jsonl': stage=rl needs prompts"),
+    (["data=jsonl", "data.path=x.jsonl"], "data.valid_path is unset; stage=rl evaluates"),
+    (["data=indexed", "data.blend=[x]"], "data.source=indexed: stage=rl needs prompts"),
     (["parallel.cp=2"], "parallel.cp=2: stage=rl generates one token per step"),
     # refused before any process starts (it used to raise NotImplementedError at the first
     # rollout), even where TE/apex norms would allow sequence parallelism for SFT
