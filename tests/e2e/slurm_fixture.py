@@ -18,6 +18,13 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 
 
+def _unavailable(reason: str):
+    """Skip on a developer machine; fail in CI, where the SLURM tests must run."""
+    if _in_ci():
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 def _responds(conf: str) -> bool:
     if not os.path.exists(conf):
         return False
@@ -49,12 +56,6 @@ def slurm_env():
         yield dict(os.environ, SLURM_CONF=conf)
     finally:
         subprocess.run(["bash", str(REPO / "scripts" / "slurm_down.sh")], timeout=60)
-
-
-def _unavailable(reason: str):
-    if _in_ci():
-        pytest.fail(reason)
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

@@ -55,8 +55,8 @@ def _train_steps(run_dir) -> int:
 
 def _trainers(run_dir) -> list:
     """PIDs of the trainer processes of run_dir (not srun, whose command line names them)."""
-    return subprocess.run(["pgrep", "-f", rf"^\S*python\S* -m megatron_ext.train .*run.dir={run_dir}"],
-                          capture_output=True, text=True).stdout.split()
+    pattern = rf"^\S*python\S* -m megatron_ext.train .*run.dir={run_dir}"
+    return subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
 
 
 def _node_state(env, node) -> str:
