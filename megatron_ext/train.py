@@ -94,6 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     compat.setup(verbose=cfg.logging.verbose)
     topo = topology.initialize(dims, seed=cfg.seed, timeout_s=cfg.parallel.timeout_s)
     run_dir = resolve_run_dir(cfg, topo)
+    where = topology.placement(topo)  # a collective: every rank
     if topo.is_logging_rank:
         print(f"run directory: {run_dir}", flush=True)
         os.makedirs(run_dir, exist_ok=True)
@@ -102,6 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         print(f"layout: world {dims.world_size} = tp {dims.tp} x pp {dims.pp} x cp {dims.cp} x "
               f"dp {dims.dp}{f' (vpp {dims.vpp})' if dims.vpp else ''} on "
               f"{topo.device.type}", flush=True)
+        print(where, flush=True)
         print(compat.fallback_line(watch_gpus=cfg.logging.nvml_interval > 0), flush=True)
     try:
         cfg, gate = apply_fidelity_gate(cfg, topo, run_dir)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -136,6 +137,38 @@ def initialize(dims: ParallelDims, *, seed: int, timeout_s: int = 600) -> Topolo
         cp_rank=ps.get_context_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
     )
+
+
+def _spans(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    out, start = [], ranks[0]
+    for a, b in zip(ranks, ranks[1:] + [None]):
+        if b != a + 1:
+            out.append(f"{start}-{a}" if a > start else f"{a}")
+            start = b
+    return ",".join(out)
+
+
+def placement(topo: Topology) -> str:
+    """Which host each rank runs on, by PP stage, and whether every TP group stays inside one
+    host (the launcher's placement decides that; a TP group across hosts would still run, only
+    slowly). One all_gather_object over the world, on every rank; one line for rank 0 to log."""
+    tp = tuple(dist.get_process_group_ranks(topo.tp_group)) if dist.is_initialized() else (0,)
+    mine = (socket.gethostname(), topo.pp_rank, tp)
+    everyone = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)  # torch puts it on the group's device
+    hosts: dict[str, list[int]] = {}
+    for rank, (host, _pp, _tp) in enumerate(everyone):
+        hosts.setdefault(host, []).append(rank)
+    parts = []
+    for host, ranks in hosts.items():
+        stages = sorted({everyone[r][1] for r in ranks})
+        parts.append(f"{host} ranks {_spans(ranks)} (pp stage {_spans(stages)})")
+    tp_local = all(len({everyone[r][0] for r in tp}) == 1 for _h, _p, tp in everyone)
+    return (f"placement: {', '.join(parts)}; tp groups "
+            f"{'inside one host each' if tp_local else 'ACROSS hosts'}")
 
 
 def destroy() -> None:

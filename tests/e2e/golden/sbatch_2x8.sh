@@ -18,9 +18,12 @@
 #SBATCH --signal=B:USR1@120
 set -u
 
-# Rendezvous on the first node; the port follows from the job id, so two jobs sharing a node
-# do not collide and every requeue of this job meets on the same one.
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# Rendezvous on the first node, at the address SLURM itself reaches it by (its NodeAddr; the
+# name when SLURM has none): a node's name need not resolve. The port follows from the job id,
+# so two jobs sharing a node do not collide and every requeue of this job meets on the same one.
+first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_ADDR=$(scontrol show node -o "$first_node" | sed -nE 's/.* NodeAddr=([^ ]+).*/\1/p')
+MASTER_ADDR=${MASTER_ADDR:-$first_node}
 export MASTER_ADDR
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
 export OMP_NUM_THREADS=1
