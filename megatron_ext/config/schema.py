@@ -30,6 +30,14 @@ class ModelConfig:
     # longest sequence RoPE is built for
     max_position_embeddings: int = bounded(65536, at_least=1, what="RoPE length")
     rotary_base: int = 10000  # RoPE theta
+    # RoPE frequency scaling: none | llama3 (Llama 3.x) | linear (position interpolation)
+    rope_scaling: str = one_of("none", "llama3", "linear")
+    rope_scaling_factor: float = 1.0  # the scaling factor of rope_scaling
+    qkv_bias: bool = False  # biases on the Q, K and V projections (Qwen2)
+    qk_layernorm: bool = False  # RMSNorm on each query and key head (Qwen3)
+    # a Hugging Face model folder (model=hf): its config.json sets the shape, its weights start
+    # the run, its tokenizer is data.tokenizer's default
+    hf_path: Optional[str] = None
     tie_embeddings: bool = False  # share input embedding and output layer
     norm_epsilon: float = 1.0e-5  # RMSNorm epsilon
     init_method_std: float = 0.02  # weight init std
