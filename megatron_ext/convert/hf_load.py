@@ -7,7 +7,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -122,20 +122,24 @@ def _shard(weights: HFWeights, rule: Rule, layer: int, param, config, vocab_size
 
 
 @torch.no_grad()
-def load_hf_weights(chunks, hf_dir: str, topo: Topology, vocab_size: int) -> None:
+def load_hf_weights(chunks, hf_dir: str, topo: Topology, vocab_size: int,
+                     skip: Optional[Callable[[str], bool]] = None) -> None:
     """Copy this rank's shards of the HF weights in `hf_dir` into `chunks` (its megatron
     chunks, DDP-wrapped or not), cast to each parameter's dtype; the vocab padding rows are
-    zero. A tensor missing from the files, one the model does not have, or a shape that
+    zero. `skip(name)` leaves parameters (global names) as they are, e.g. the critic's value
+    head. A tensor missing from the files, one the model does not have, or a shape that
     disagrees with config.json is an HFWeightsError naming them."""
-    arch = architecture(read_hf_config(hf_dir), os.path.join(hf_dir, "config.json"))
+    hf = read_hf_config(hf_dir)
+    arch = architecture(hf, os.path.join(hf_dir, "config.json"))
     weights = HFWeights(hf_dir)
-    model0 = getattr(chunks[0], "module", chunks[0])
-    tie = model0.share_embeddings_and_output_weights
-    account(weights, arch, tie, model0.config.num_layers)
+    tie = bool(hf.get("tie_word_embeddings", False))
+    account(weights, arch, tie, hf["num_hidden_layers"])
     tp, rank = topo.dims.tp, topo.tp_rank
     for chunk in chunks:
         model = getattr(chunk, "module", chunk)
         for name, param in global_names(chunk):
+            if skip is not None and skip(name):
+                continue
             rule, layer = rule_for(arch, tie, name)
             shard = _shard(weights, rule, layer, param, model.config, vocab_size, tp, rank)
             param.copy_(shard.to(param.dtype))

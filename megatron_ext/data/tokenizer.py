@@ -1,6 +1,8 @@
-"""Tokenizers: a built-in byte-level one (no downloads) and a HF `tokenizers` JSON file."""
+"""Tokenizers: a built-in byte-level one (no downloads), a HF `tokenizers` JSON file, and a Hugging
+Face model folder (its tokenizer, chat template and EOS; never remote code)."""
 from __future__ import annotations
 
+import json
 import os
 from typing import List, Sequence
 
@@ -49,5 +51,57 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids])
 
 
+def _generation_eos(path: str):
+    """The first EOS id of generation_config.json (an id or a list), else None."""
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(file):
+        return None
+    with open(file) as f:
+        eos = json.load(f).get("eos_token_id")
+    return eos[0] if isinstance(eos, list) and eos else eos
+
+
+class HFDirTokenizer:
+    """AutoTokenizer of a model folder (local files only, no remote code). EOS comes from
+    generation_config.json (what the model was tuned to end a turn with, e.g. <|im_end|>,
+    <|eot_id|>), else tokenizer_config.json; `chat(messages)` applies its chat template."""
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+        try:
+            self._tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False,
+                                                      local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"data.tokenizer={path!r}: no usable tokenizer in that folder "
+                             f"({err}); copy the model's tokenizer files there or give "
+                             "data.tokenizer=PATH") from None
+        self.vocab_size = len(self._tok)
+        self.eos_id = _generation_eos(path)
+        if self.eos_id is None:
+            self.eos_id = self._tok.eos_token_id
+        if self.eos_id is None:
+            raise ValueError(f"tokenizer {path!r} names no EOS token (generation_config.json "
+                             "eos_token_id or tokenizer_config.json eos_token); add one")
+        self.bos_id = self._tok.bos_token_id
+        self.pad_id = self.eos_id if self._tok.pad_token_id is None else self._tok.pad_token_id
+        self.chat_template = self._tok.chat_template
+
+    def encode(self, text: str) -> List[int]:
+        return self._tok(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+    def chat(self, messages, add_generation_prompt: bool = True) -> List[int]:
+        """Token ids of `messages` through the chat template."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template; give plain prompts or set "
+                             "generate.chat_template=false")
+        return list(self._tok.apply_chat_template(messages, tokenize=True, return_dict=False,
+                                                  add_generation_prompt=add_generation_prompt))
+
+
 def build_tokenizer(spec: str):
-    return ByteTokenizer() if spec == "byte" else HFTokenizer(spec)
+    if spec == "byte":
+        return ByteTokenizer()
+    return HFDirTokenizer(spec) if os.path.isdir(spec) else HFTokenizer(spec)
