@@ -51,6 +51,10 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids])
 
 
+# What AutoTokenizer can load a tokenizer from (without one it would make an empty tokenizer).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def _generation_eos(path: str):
     """The first EOS id of generation_config.json (an id or a list), else None."""
     file = os.path.join(path, "generation_config.json")
@@ -68,6 +72,10 @@ class HFDirTokenizer:
 
     def __init__(self, path: str):
         from transformers import AutoTokenizer
+        if not any(os.path.isfile(os.path.join(path, n)) for n in TOKENIZER_FILES):
+            raise ValueError(f"data.tokenizer={path!r}: no usable tokenizer in that folder (none "
+                             f"of {', '.join(TOKENIZER_FILES)}); copy the model's tokenizer "
+                             "files there or give data.tokenizer=PATH")
         try:
             self._tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False,
                                                       local_files_only=True)
