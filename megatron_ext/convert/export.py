@@ -16,9 +16,16 @@ from typing import Dict, Iterator, Tuple
 
 import torch
 
+from megatron_ext.convert.byte_tokenizer import save_byte_tokenizer
 from megatron_ext.convert.mapping import TE_NAMES, hf_names
 
 _DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def checkpoint_model_fields(state: Dict) -> Dict:
+    """The ModelConfig fields of a checkpoint's train state (its origin and shape)."""
+    fields = {k: v for k, v in state["origin"]["model"].items() if k not in ("hf_path", "name")}
+    return {**fields, "vocab_size": state["shape"]["vocab_size"]}
 
 
 def _single_process_model(model_fields: Dict, overrides=()):
@@ -130,11 +137,10 @@ def export_checkpoint(checkpoint: str, out: str, max_shard_bytes: int = 5 * 2 **
     if origin is None:
         raise ValueError(f"checkpoint {checkpoint} records no model origin (it predates "
                          "convert); export needs a checkpoint written by this version")
-    fields = {k: v for k, v in origin["model"].items() if k not in ("hf_path", "name")}
-    cfg, topo, chunks = _single_process_model(fields)
+    vocab = state["shape"]["vocab_size"]
+    cfg, topo, chunks = _single_process_model(checkpoint_model_fields(state))
     m = cfg.model
     arch = origin.get("architecture") or "LlamaForCausalLM"
-    vocab = state["shape"]["vocab_size"]
     manager = CheckpointManager(os.path.join(out, ".unused"), topo, keep=1,
                                 sharded={"model": ModelPart(chunks)}, states={},
                                 shape=model_shape(m, vocab, chunks), log=lambda _: None)
@@ -150,6 +156,9 @@ def export_checkpoint(checkpoint: str, out: str, max_shard_bytes: int = 5 * 2 **
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(_hf_config(origin, m), f, indent=2)
     generation = origin.get("generation_config") or {"_from_model_config": True}
+    if origin["tokenizer"] == "byte":  # trained from scratch on the byte tokenizer
+        save_byte_tokenizer(out)
+        generation = {"bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}
     with open(os.path.join(out, "generation_config.json"), "w") as f:
         json.dump(generation, f, indent=2)
     for name, data in origin.get("tokenizer_files", {}).items():

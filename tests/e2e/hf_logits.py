@@ -6,12 +6,11 @@ import torch
 
 
 def main(checkpoint: str, ids_path: str, out_path: str) -> None:
-    from megatron_ext.convert.export import _single_process_model
+    from megatron_ext.convert.export import _single_process_model, checkpoint_model_fields
     from megatron_ext.training.checkpoint import (CheckpointManager, ModelPart, model_shape,
                                                   read_train_state)
     state = read_train_state(checkpoint)
-    fields = {k: v for k, v in state["origin"]["model"].items() if k not in ("hf_path", "name")}
-    cfg, topo, chunks = _single_process_model(fields)
+    cfg, topo, chunks = _single_process_model(checkpoint_model_fields(state))
     vocab = state["shape"]["vocab_size"]
     CheckpointManager("/nonexistent", topo, keep=1, sharded={"model": ModelPart(chunks)},
                       states={}, shape=model_shape(cfg.model, vocab, chunks),

@@ -89,3 +89,27 @@ def test_sft_tp2pp2_from_hf_then_export(tmp_path):
     assert (ours - theirs).abs().max() < 1e-4
     assert (untrained - theirs).abs().max() > 1e-3  # the 3 steps changed the weights
     assert filecmp.cmp(src / "tokenizer.json", out / "tokenizer.json", shallow=False)
+
+
+def test_model_from_scratch_exports_as_llama_with_the_byte_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from megatron_ext.data.tokenizer import ByteTokenizer
+    run, out = tmp_path / "run", tmp_path / "out"
+    r = _run("-m", "megatron_ext.train", "model=tiny", "train.steps=1", "train.save_interval=1",
+             "train.seq_len=32", "train.global_batch_size=4", "train.micro_batch_size=2",
+             "data.num_samples=64", "logging=none", f"run.dir={run}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = run / "checkpoints" / "step_00000001"
+    r = _run("-m", "megatron_ext.convert", "export", "--checkpoint", str(ckpt), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    model = _reload(str(out))
+    assert type(model).__name__ == "LlamaForCausalLM"
+    text = "12+30=42 ✓"
+    ids = torch.tensor([ByteTokenizer().encode(text)])
+    assert AutoTokenizer.from_pretrained(str(out))(text, add_special_tokens=False)["input_ids"] == ids[0].tolist()
+    torch.save(ids, tmp_path / "ids.pt")
+    r = _run("tests/e2e/hf_logits.py", str(ckpt), str(tmp_path / "ids.pt"), str(tmp_path / "ours.pt"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    with torch.no_grad():
+        assert (torch.load(tmp_path / "ours.pt") - model(ids).logits).abs().max() < 1e-4
