@@ -170,6 +170,19 @@ class LoggingConfig:
 
 
 @dataclass
+class GenerateConfig:
+    checkpoint: Optional[str] = None  # our checkpoint to generate with (else model=hf's weights)
+    prompts: Optional[str] = None  # JSONL of {"prompt": str} or {"messages": [...]} records
+    out: Optional[str] = None  # JSONL written: prompt, response, token_ids, logprobs, finish_reason
+    max_new_tokens: int = bounded(64, at_least=1, what="tokens generated per prompt")
+    temperature: float = bounded(0.0, at_least=0, what="sampling temperature; 0: greedy")
+    top_p: float = bounded(1.0, at_least=0, at_most=1, what="nucleus mass; 1: off")
+    # auto: "messages" through the chat template, plain prompts as they are; true: both; false: none
+    chat_template: str = one_of("auto", "true", "false", "True", "False")
+    batch_size: int = bounded(8, at_least=1, what="prompts per generation batch")
+
+
+@dataclass
 class RunConfig:
     dir: Optional[str] = None  # run directory; outputs/<name>-<time> when unset
     name: str = "run"  # run name (W&B too)
@@ -187,3 +200,4 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)  # python -m megatron_ext.generate

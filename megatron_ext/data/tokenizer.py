@@ -100,6 +100,11 @@ class HFDirTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids])
 
+    def prompt_ids(self, text: str) -> List[int]:
+        """A plain prompt as `AutoTokenizer.from_pretrained(DIR)(text)` tokenises it (with the
+        model's BOS where it adds one)."""
+        return self._tok(text)["input_ids"]
+
     def chat(self, messages, add_generation_prompt: bool = True) -> List[int]:
         """Token ids of `messages` through the chat template."""
         if not self.chat_template:
