@@ -113,3 +113,23 @@ def test_model_from_scratch_exports_as_llama_with_the_byte_tokenizer(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     with torch.no_grad():
         assert (torch.load(tmp_path / "ours.pt") - model(ids).logits).abs().max() < 1e-4
+
+
+def test_imported_checkpoint_starts_rl_and_sft_in_another_layout(tmp_path):
+    src, ckpt = tmp_path / "src", tmp_path / "ckpt"
+    make_hf_model("qwen2_tied", str(src))
+    r = _run("-m", "megatron_ext.convert", "import", "--hf", str(src), "--out", str(ckpt))
+    assert r.returncode == 0, r.stderr[-2000:]
+    common = ["model=hf", f"model.hf_path={src}", "parallel.tp=2", "train.steps=1",
+              "train.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=2",
+              "logging=none"]
+    r = _run("-m", "launch", "local", "--nproc", "2", "--", *common, "stage=rl",
+             f"rl.init_checkpoint={ckpt}", "rl.group_size=2", "rl.prompts_per_step=2",
+             "rl.max_new_tokens=4", f"run.dir={tmp_path / 'rl'}")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"policy initialised from {ckpt} (weights only)" in r.stdout
+    r = _run("-m", "launch", "local", "--nproc", "2", "--", *common, f"train.resume={ckpt}",
+             "data.num_samples=64", f"run.dir={tmp_path / 'sft'}")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"initialised from the imported checkpoint {ckpt}" in r.stdout
+    assert "step     1/1" in r.stdout
