@@ -81,7 +81,7 @@ def _check_rl_stage(cfg: Config) -> None:
     elif not path or not os.path.isdir(path):
         raise ConfigError(f"rl.init_checkpoint={path!r} is not a checkpoint folder; stage=rl "
                           "starts from an SFT run's weights: give rl.init_checkpoint="
-                          "<sft run>/checkpoints/step_N")
+                          "<sft run>/checkpoints/step_N, or model=hf model.hf_path=DIR")
     if cfg.data.source != "task":
         raise ConfigError(f"data.source={cfg.data.source!r}: stage=rl needs prompts with a "
                           "verifiable answer; use data=task")

@@ -56,19 +56,20 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 
 def _generation_eos(path: str):
-    """The first EOS id of generation_config.json (an id or a list), else None."""
+    """The EOS ids of generation_config.json (an id or a list; [] when absent)."""
     file = os.path.join(path, "generation_config.json")
     if not os.path.isfile(file):
-        return None
+        return []
     with open(file) as f:
         eos = json.load(f).get("eos_token_id")
-    return eos[0] if isinstance(eos, list) and eos else eos
+    return [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
 
 
 class HFDirTokenizer:
     """AutoTokenizer of a model folder (local files only, no remote code). EOS comes from
     generation_config.json (what the model was tuned to end a turn with, e.g. <|im_end|>,
-    <|eot_id|>), else tokenizer_config.json; `chat(messages)` applies its chat template."""
+    <|eot_id|>), else tokenizer_config.json; `chat(messages)` applies its chat template.
+    Generation stops at this one EOS id (the engine takes one)."""
 
     def __init__(self, path: str):
         from transformers import AutoTokenizer
@@ -84,9 +85,10 @@ class HFDirTokenizer:
                              f"({err}); copy the model's tokenizer files there or give "
                              "data.tokenizer=PATH") from None
         self.vocab_size = len(self._tok)
-        self.eos_id = _generation_eos(path)
-        if self.eos_id is None:
-            self.eos_id = self._tok.eos_token_id
+        # of several generation EOS ids (Llama 3.1: end_of_text, eom, eot) the tokenizer's own
+        # is the end of a turn; otherwise the first
+        ends, own = _generation_eos(path), self._tok.eos_token_id
+        self.eos_id = own if own in ends or not ends else ends[0]
         if self.eos_id is None:
             raise ValueError(f"tokenizer {path!r} names no EOS token (generation_config.json "
                              "eos_token_id or tokenizer_config.json eos_token); add one")

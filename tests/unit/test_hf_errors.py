@@ -138,3 +138,12 @@ def test_import_cli_exit_2_on_bad_weights(tmp_path, qwen3_dir):
                        env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "model.layers.2.self_attn.o_proj.weight has shape [3, 3]" in r.stderr
+
+
+def test_eos_prefers_the_tokenizers_end_of_turn_among_generation_eos_ids(tmp_path):
+    from megatron_ext.data.tokenizer import build_tokenizer
+    save_tokenizer(str(tmp_path))  # its eos_token is <|im_end|> (id 2)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 2]}))
+    assert build_tokenizer(str(tmp_path)).eos_id == 2
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 0}))
+    assert build_tokenizer(str(tmp_path)).eos_id == 0
