@@ -91,10 +91,12 @@ def _shard(weights: HFWeights, rule: Rule, layer: int, param, config, vocab_size
     if rule.kind == "vocab":
         rows = shape[0]
         start = rank * rows if parallel else 0
-        out = torch.zeros(shape, dtype=param.dtype)
         stop = min(start + rows, vocab_size)
-        if stop > start:
-            out[:stop - start] = weights.read(names[0], [vocab_size] + shape[1:], 0, start, stop)
+        real = weights.read(names[0], [vocab_size] + shape[1:], 0, start, max(stop, start))
+        if stop - start == rows:
+            return real  # no padding rows on this shard: no second copy
+        out = torch.zeros(shape, dtype=real.dtype)
+        out[:real.shape[0]] = real
         return out
     if rule.kind == "glu":  # [gate_r; up_r]
         rows = shape[0] // 2
