@@ -64,3 +64,28 @@ def test_greedy_generate_equals_transformers(setup, name, nproc, layout):
         assert record["token_ids"] == tokens, (prompt, record["token_ids"], tokens)
         assert max(abs(a - b) for a, b in zip(record["logprobs"], logprobs)) < 1e-4
         assert record["finish_reason"] in ("eos", "length")
+
+
+def test_generate_from_a_checkpoint_with_its_recorded_tokenizer(setup, tmp_path):
+    """convert import writes a checkpoint; generate.checkpoint takes its shape and tokenizer
+    (from the files it recorded once the source folder is gone) and gives the same tokens."""
+    import shutil
+    root, model = setup
+    src = tmp_path / "moved"
+    shutil.copytree(root / "hf", src)
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    r = subprocess.run([sys.executable, "-m", "megatron_ext.convert", "import", "--hf", str(src),
+                        "--out", str(tmp_path / "ckpt")], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    shutil.rmtree(src)
+    out = tmp_path / "out.jsonl"
+    r = subprocess.run([sys.executable, "-m", "megatron_ext.generate",
+                        f"generate.checkpoint={tmp_path / 'ckpt'}",
+                        f"generate.prompts={root / 'prompts.jsonl'}", f"generate.out={out}",
+                        f"generate.max_new_tokens={NEW}", "logging=none"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    for record, prompt in zip(records, PROMPTS):
+        assert record["token_ids"] == _reference(root / "hf", model, prompt)[0]
