@@ -4,8 +4,8 @@ through the generation engine of RL rollouts and eval (models/generate.py), in b
 generate.batch_size. Under TP/PP start it like training: `python -m launch local --nproc N
 --entry generate -- <overrides>`; every rank runs every batch and global rank 0 writes
 generate.out, one record per prompt: prompt, response, token_ids (generated, EOS included),
-logprobs (per generated token, over the real vocab; at temperature 1 when greedy, else at the
-sampling temperature, as rollouts record them) and finish_reason (eos | length)."""
+logprobs (per generated token, at temperature 1 over the real vocab, whatever the sampling
+temperature) and finish_reason (eos | length)."""
 from __future__ import annotations
 
 import dataclasses
@@ -100,6 +100,29 @@ def prompt_ids(record: Dict, tokenizer, chat_template: str) -> List[int]:
     return encode(record["prompt"])
 
 
+def logprobs_at_t1(chunks, tokens, vocab: int, tp_group, pp_group):
+    """`[b, L]` log-probabilities at temperature 1 over the real vocab of each token given the
+    ones before it (column 0 is 0), from one teacher-forced forward of the whole pipeline;
+    every rank gets them. Sampled rollouts record their log-probs at the sampling temperature,
+    which is what PPO needs but not what a user reads."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from megatron_ext.models.generate import _Stages
+    stages = _Stages(chunks, pp_group)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    out = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+    with torch.no_grad():
+        logits = stages(tokens, positions, None)
+        if stages.is_last:
+            logp = F.log_softmax(logits[:, :-1, :vocab].float(), dim=-1)
+            out[:, 1:] = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    if stages.pp > 1:
+        dist.broadcast(out, src=stages.last, group=pp_group)
+    return out
+
+
 def run(cfg: Config, topo, log) -> List[Dict]:
     """The output records of every prompt (on every rank)."""
     import torch
@@ -132,12 +155,14 @@ def run(cfg: Config, topo, log) -> List[Dict]:
         ids = [prompt_ids(r, tokenizer, g.chat_template) for r in batch]
         roll = generate(chunks, ids, tokenizer, params, vocab_size=vocab, generator=generator,
                         tp_group=tp, pp_group=pp)
+        logprobs = (roll.logprobs if g.temperature in (0, 1) else
+                    logprobs_at_t1(chunks, roll.tokens, vocab, tp, pp))
         for i, record in enumerate(batch):
             start, n = int(roll.prompt_lens[i]), int(roll.response_lens[i])
             out.append({"prompt": record.get("prompt", record.get("messages")),
                         "response": roll.texts[i],
                         "token_ids": roll.tokens[i, start:start + n].tolist(),
-                        "logprobs": roll.logprobs[i, start:start + n].tolist(),
+                        "logprobs": logprobs[i, start:start + n].tolist(),
                         "finish_reason": roll.finish_reasons[i]})
         tokens = sum(len(r["token_ids"]) for r in out)
         log(f"generate {len(out)}/{len(records)} prompts | {tokens} tokens | "

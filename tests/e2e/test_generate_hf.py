@@ -89,3 +89,27 @@ def test_generate_from_a_checkpoint_with_its_recorded_tokenizer(setup, tmp_path)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     for record, prompt in zip(records, PROMPTS):
         assert record["token_ids"] == _reference(root / "hf", model, prompt)[0]
+
+
+def test_sampled_generate_reports_logprobs_at_temperature_1(setup):
+    root, model = setup
+    out = root / "sampled.jsonl"
+    cmd = [sys.executable, "-m", "launch", "local", "--nproc", "2", "--entry", "generate", "--",
+           "model=hf", f"model.hf_path={root / 'hf'}", f"generate.prompts={root / 'prompts.jsonl'}",
+           f"generate.out={out}", f"generate.max_new_tokens={NEW}", "generate.temperature=0.7",
+           "logging=none", "parallel.pp=2"]
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(root / "hf"))
+    for line, prompt in zip(out.read_text().splitlines(), PROMPTS):
+        record = json.loads(line)
+        ids = (tok.apply_chat_template(prompt["messages"], add_generation_prompt=True,
+                                       tokenize=True, return_dict=False)
+               if "messages" in prompt else tok(prompt["prompt"])["input_ids"])
+        full = torch.tensor([ids + record["token_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(full).logits[0], -1)
+        expected = [logp[len(ids) - 1 + j, t].item() for j, t in enumerate(record["token_ids"])]
+        assert max(abs(a - b) for a, b in zip(record["logprobs"], expected)) < 1e-4
