@@ -138,6 +138,8 @@ setup(
         "psutil",  # megatron dist_checkpointing's writer processes
         "tokenizers",  # HF tokenizer.json files (data.tokenizer=PATH)
         "math-verify==0.9.0",  # the math reward (rl.rewards name: math); parses, never evaluates
+        "transformers==5.23.0",  # HF model configs, tokenizers, chat templates (model=hf)
+        "safetensors==0.8.0",  # lazy per-rank reads of HF weights, export
         "matplotlib",  # trace-fidelity report histograms
     ],
     package_data={"launch": ["templates/*"]},

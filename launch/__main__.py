@@ -18,6 +18,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="mode", required=True)
     local = sub.add_parser("local", help="N processes on this machine (torchrun semantics)")
     local.add_argument("--nproc", type=int, required=True, help="processes to start")
+    local.add_argument("--entry", choices=("train", "generate"), default="train",
+                       help="python -m megatron_ext.<entry> in each process")
     slurm = sub.add_parser("slurm", help="sbatch a job that srun's one task per GPU (or per "
                            "cluster.tasks_per_node) on cluster.nodes nodes",
                            description="Hydra overrides follow the options, e.g. "
@@ -33,7 +35,8 @@ def main(argv=None) -> int:
         from megatron_ext.config.load import checked_config
         # fail before any process starts; whether TE/apex norms import is for the ranks to say
         checked_config(overrides, args.nproc, have_fused_norms=None)
-        return run_local(args.nproc, overrides)
+        entry = [sys.executable, "-m", f"megatron_ext.{args.entry}"]
+        return run_local(args.nproc, overrides, entry=entry)
     if args.mode == "slurm":
         from launch.slurm import run_slurm
         return run_slurm(overrides, dry_run=args.dry_run, python=args.python)

@@ -15,6 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from megatron_ext.config.hf import model_fields
 from megatron_ext.config.layout import ParallelDims
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import validate
@@ -33,7 +34,19 @@ def compose_config(overrides: Sequence[str] = ()) -> Config:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         node = compose(config_name="config", overrides=list(overrides))
-    return OmegaConf.to_object(node)
+    return from_hf(OmegaConf.to_object(node))
+
+
+def from_hf(cfg: Config) -> Config:
+    """model=hf: the shape, RoPE, norm and attention fields from model.hf_path's config.json
+    (which wins over the yaml), and its tokenizer unless data.tokenizer names another."""
+    if cfg.model.name != "hf" and not cfg.model.hf_path:
+        return cfg
+    for key, value in model_fields(cfg.model.hf_path).items():
+        setattr(cfg.model, key, value)
+    if cfg.data.tokenizer == "byte":
+        cfg.data.tokenizer = cfg.model.hf_path
+    return cfg
 
 
 def to_yaml(cfg: Config) -> str:

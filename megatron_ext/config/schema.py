@@ -30,6 +30,14 @@ class ModelConfig:
     # longest sequence RoPE is built for
     max_position_embeddings: int = bounded(65536, at_least=1, what="RoPE length")
     rotary_base: int = 10000  # RoPE theta
+    # RoPE frequency scaling: none | llama3 (Llama 3.x) | linear (position interpolation)
+    rope_scaling: str = one_of("none", "llama3", "linear")
+    rope_scaling_factor: float = 1.0  # the scaling factor of rope_scaling
+    qkv_bias: bool = False  # biases on the Q, K and V projections (Qwen2)
+    qk_layernorm: bool = False  # RMSNorm on each query and key head (Qwen3)
+    # a Hugging Face model folder (model=hf): its config.json sets the shape, its weights start
+    # the run, its tokenizer is data.tokenizer's default
+    hf_path: Optional[str] = None
     tie_embeddings: bool = False  # share input embedding and output layer
     norm_epsilon: float = 1.0e-5  # RMSNorm epsilon
     init_method_std: float = 0.02  # weight init std
@@ -174,6 +182,19 @@ class LoggingConfig:
 
 
 @dataclass
+class GenerateConfig:
+    checkpoint: Optional[str] = None  # our checkpoint to generate with (else model=hf's weights)
+    prompts: Optional[str] = None  # JSONL of {"prompt": str} or {"messages": [...]} records
+    out: Optional[str] = None  # JSONL written: prompt, response, token_ids, logprobs, finish_reason
+    max_new_tokens: int = bounded(64, at_least=1, what="tokens generated per prompt")
+    temperature: float = bounded(0.0, at_least=0, what="sampling temperature; 0: greedy")
+    top_p: float = bounded(1.0, at_least=0, at_most=1, what="nucleus mass; 1: off")
+    # auto: "messages" through the chat template, plain prompts as they are; true: both; false: none
+    chat_template: str = one_of("auto", "true", "false", "True", "False")
+    batch_size: int = bounded(8, at_least=1, what="prompts per generation batch")
+
+
+@dataclass
 class RunConfig:
     dir: Optional[str] = None  # run directory; outputs/<name>-<time> when unset
     name: str = "run"  # run name (W&B too)
@@ -191,3 +212,4 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)  # python -m megatron_ext.generate

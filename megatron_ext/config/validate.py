@@ -7,6 +7,7 @@ import os
 from typing import Optional
 
 from megatron_ext.config.fields import ConfigError, check_fields
+from megatron_ext.config.hf import model_fields
 from megatron_ext.config.layout import ParallelDims
 from megatron_ext.config.rl import check_rl
 from megatron_ext.config.schema import Config
@@ -73,7 +74,13 @@ def _check_data(cfg: Config) -> None:
     """The files the run reads exist: a missing one would fail only after the processes and
     the run directory exist."""
     d = cfg.data
-    if d.tokenizer != "byte":
+    if d.tokenizer != "byte" and os.path.isdir(d.tokenizer):
+        if not any(os.path.isfile(os.path.join(d.tokenizer, n))
+                   for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            raise ConfigError(f"data.tokenizer={d.tokenizer!r} is a folder without "
+                              "tokenizer.json / tokenizer_config.json; copy the model's "
+                              "tokenizer files there or give data.tokenizer=PATH")
+    elif d.tokenizer != "byte":
         _need_file("data.tokenizer", d.tokenizer, "give a tokenizer.json path or "
                    "data.tokenizer=byte")
     if d.source == "indexed":
@@ -112,10 +119,12 @@ def _check_rl_stage(cfg: Config) -> None:
     """stage=rl: the rl section's rules, a starting checkpoint and what rollouts can run on."""
     check_rl(cfg.rl)
     path = cfg.rl.init_checkpoint
-    if not path or not os.path.isdir(path):
+    if cfg.model.hf_path and not path:
+        pass  # model=hf: the policy (and reference) start from the HF weights
+    elif not path or not os.path.isdir(path):
         raise ConfigError(f"rl.init_checkpoint={path!r} is not a checkpoint folder; stage=rl "
                           "starts from an SFT run's weights: give rl.init_checkpoint="
-                          "<sft run>/checkpoints/step_N")
+                          "<sft run>/checkpoints/step_N, or model=hf model.hf_path=DIR")
     if cfg.data.source == "indexed":
         raise ConfigError("data.source=indexed: stage=rl needs prompts with a verifiable "
                           'answer; use data=task, or data=jsonl with {"prompt", "answer"} lines')
@@ -137,6 +146,8 @@ def validate(cfg: Config, world_size: int, *,
     layout. have_fused_norms says whether TE or apex norms import where the run executes; None
     when this process cannot know (a launcher), which leaves that one rule to the processes."""
     check_fields(cfg)
+    if cfg.model.name == "hf" or cfg.model.hf_path:
+        model_fields(cfg.model.hf_path)  # the folder, config.json and architecture are usable
     _check_model_and_train(cfg)
     if cfg.stage == "rl":
         _check_rl_stage(cfg)

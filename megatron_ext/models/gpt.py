@@ -79,6 +79,8 @@ def transformer_config(cfg: Config, topo: Topology) -> TransformerConfig:
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
+        add_qkv_bias=m.qkv_bias,
+        qk_layernorm=m.qk_layernorm,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
@@ -109,10 +111,11 @@ def layer_spec(cfg: Config) -> Tuple[ModuleSpec, str]:
     if has_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec)
-        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.model.qk_layernorm)
     else:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm",
+                                        qk_layernorm=cfg.model.qk_layernorm)
     attention = spec.submodules.self_attention.submodules
     if cfg.parallel.cp > 1:
         kernel = ring_kernel(backend)
@@ -122,6 +125,16 @@ def layer_spec(cfg: Config) -> Tuple[ModuleSpec, str]:
         attention.core_attention = _CORE_ATTENTION.get(backend, attention.core_attention)
         said = backend
     return spec, f"attention: {said} (model.attention_backend={requested})"
+
+
+def rope_scaling(m) -> dict:
+    """GPTModel's RoPE scaling arguments for model.rope_scaling (llama3: megatron's Llama 3.x
+    frequency scaling; linear: position interpolation by the factor)."""
+    if m.rope_scaling == "llama3":
+        return {"rope_scaling": True, "rope_scaling_factor": m.rope_scaling_factor}
+    if m.rope_scaling == "linear":
+        return {"seq_len_interpolation_factor": m.rope_scaling_factor}
+    return {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -163,6 +176,7 @@ def build_gpt_chunks(cfg: Config, topo: Topology, vocab_size: int) -> List[GPTMo
             share_embeddings_and_output_weights=cfg.model.tie_embeddings,
             position_embedding_type="rope",
             rotary_base=cfg.model.rotary_base,
+            **rope_scaling(cfg.model),
             vp_stage=vp_stage,
         )
         chunks.append(model.to(topo.device))

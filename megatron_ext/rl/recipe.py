@@ -19,6 +19,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from megatron_ext.convert.hf_load import load_hf_weights
+from megatron_ext.convert.origin import ModelOrigin
 from megatron_ext.data.dataset import build_rows
 from megatron_ext.data.problems import rl_problems
 from megatron_ext.data.tokenizer import build_tokenizer
@@ -38,7 +40,8 @@ from megatron_ext.rl.objective import (POLICY_METRICS, VALUE_METRICS, PolicySett
 from megatron_ext.rl.rewards import CombinedReward
 from megatron_ext.rl.rows import Rows, micro_batches, rows_from_groups
 from megatron_ext.training import collectives
-from megatron_ext.training.checkpoint import CheckpointError, ModelPart, model_shape
+from megatron_ext.training.checkpoint import (CheckpointError, ModelPart, model_shape,
+                                              read_train_state)
 from megatron_ext.training.engine import ModelUnit, trained_unit
 from megatron_ext.training.heldout import heldout_lm
 
@@ -90,10 +93,12 @@ class RLRecipe:
         self.eval_interval = rl.eval_interval
         self.eval_hooks = [self.guard] if rl.eval_interval else []
         self.version = 0  # policy updates so far: the buffer's policy version
+        self.origin = ModelOrigin(cfg)  # where the weights came from (HF export reads it)
 
     # -- state ------------------------------------------------------------------------------
     def states(self) -> Dict:
-        return {"schedule": self.policy.scheduler, "rl": self, "guard": self.guard}
+        return {"schedule": self.policy.scheduler, "rl": self, "guard": self.guard,
+                "origin": self.origin}
 
     def state_dict(self) -> Dict:
         return {"version": self.version, "history": self.history.state_dict(),
@@ -115,6 +120,15 @@ class RLRecipe:
             starting.append((self.reference, None))
         if not starting:
             return
+        if not init:  # model=hf: every unit starts from the HF weights
+            for unit, skip in starting:
+                load_hf_weights(unit.chunks, self.cfg.model.hf_path, self.topo, self.vocab_size,
+                                skip=skip)
+                if unit.optimizer is not None:
+                    unit.optimizer.reload_model_params()
+            if not resumed:
+                self.log(f"policy initialised from {self.cfg.model.hf_path}")
+            return
         problem = checkpoints.verify(init)
         if problem is not None:
             raise CheckpointError(f"rl.init_checkpoint={init!r} is unusable: {problem}")
@@ -123,6 +137,7 @@ class RLRecipe:
             if unit.optimizer is not None:
                 unit.optimizer.reload_model_params()
         if not resumed:
+            self.origin.load_state_dict(read_train_state(init).get("origin", self.origin.record))
             self.log(f"policy initialised from {init} (weights only)")
 
     # -- one step ---------------------------------------------------------------------------

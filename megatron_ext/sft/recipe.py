@@ -8,6 +8,8 @@ import torch
 
 from megatron_ext.data.dataset import build_sources, summary
 from megatron_ext.data.sampler import GlobalBatchSampler
+from megatron_ext.convert.hf_load import load_hf_weights
+from megatron_ext.convert.origin import ModelOrigin
 from megatron_ext.data.tokenizer import build_tokenizer
 from megatron_ext.models.gpt import build_model, model_vocab_size
 from megatron_ext.training.checkpoint import model_shape
@@ -45,10 +47,16 @@ class SFTRecipe:
         self.eval_interval, self.eval_hooks = t.eval_interval, []
 
     def states(self) -> Dict:
-        return {"data": self.sampler, "schedule": self.policy.scheduler}
+        return {"data": self.sampler, "schedule": self.policy.scheduler,
+                "origin": ModelOrigin(self.cfg)}
 
     def start(self, resumed: bool, checkpoints) -> None:
-        """Nothing to load: the weights are the seed's, or the resumed checkpoint's."""
+        """The weights are the resumed checkpoint's, else model.hf_path's (model=hf), else
+        the seed's."""
+        if not resumed and self.cfg.model.hf_path:
+            load_hf_weights(self.policy.chunks, self.cfg.model.hf_path, self.topo, self.vocab_size)
+            self.policy.optimizer.reload_model_params()
+            self.log(f"model initialised from {self.cfg.model.hf_path}")
 
     def train_step(self, step: int, inspect_grads=None) -> Dict:
         """One optimizer step on the next global batch. `inspect_grads()` runs between

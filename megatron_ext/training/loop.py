@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from megatron_ext.logging.nvml import GpuMonitor
 from megatron_ext.logging.wandb_logger import build_logger
-from megatron_ext.training.checkpoint import CheckpointManager, ModelPart, OptimizerPart
+from megatron_ext.training.checkpoint import (CheckpointManager, ModelPart, OptimizerPart,
+                                              read_train_state)
 from megatron_ext.training.metrics import MetricsWriter, progress_line
 from megatron_ext.config.load import REQUEUE_EXIT_CODE
 from megatron_ext.training.preemption import PreemptionFlag
@@ -128,6 +129,14 @@ class TrainLoop:
 
     def resume(self) -> None:
         path = self.checkpoints.resume_path(self.cfg.train.resume)
+        if path is not None and read_train_state(path).get("origin", {}).get("imported"):
+            # `convert import` wrote weights only: start step 0 from them
+            self.checkpoints.load(path, only=("model",))
+            for unit in self.recipe.units.values():
+                if unit.optimizer is not None:
+                    unit.optimizer.reload_model_params()
+            self.log(f"initialised from the imported checkpoint {path} (weights only)")
+            path = None
         if path is not None:
             self.checkpoints.load(path)
             self.log(f"resumed from {path} at step {self.step}")

@@ -1,0 +1,3 @@
+"""Hugging Face <-> megatron: the declarative mapping per architecture (mapping.py), lazy
+per-rank safetensors reads into TP/PP shards (hf_load.py), export and import (export.py), and
+the model origin a checkpoint records (origin.py)."""

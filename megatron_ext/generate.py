@@ -1,0 +1,206 @@
+"""`python -m megatron_ext.generate <overrides>`: responses of a checkpoint (generate.checkpoint=
+PATH) or of a Hugging Face model (model=hf model.hf_path=DIR) to the prompts of a JSONL file,
+through the generation engine of RL rollouts and eval (models/generate.py), in batches of
+generate.batch_size. Under TP/PP start it like training: `python -m launch local --nproc N
+--entry generate -- <overrides>`; every rank runs every batch and global rank 0 writes
+generate.out, one record per prompt: prompt, response, token_ids (generated, EOS included),
+logprobs (per generated token, at temperature 1 over the real vocab, whatever the sampling
+temperature) and finish_reason (eos | length)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+from megatron_ext import compat
+from megatron_ext.config.fields import ConfigError
+from megatron_ext.config.load import checked_config
+from megatron_ext.config.schema import Config
+from megatron_ext.config.validate import validate
+from parallel import topology
+
+
+def with_checkpoint_model(cfg: Config) -> Config:
+    """generate.checkpoint: the model shape (and, unless data.tokenizer names one, the
+    tokenizer) the checkpoint recorded."""
+    path = cfg.generate.checkpoint
+    if not path:
+        if not cfg.model.hf_path:
+            raise ConfigError("generate needs generate.checkpoint=PATH or model=hf "
+                              "model.hf_path=DIR")
+        return cfg
+    if not os.path.isfile(os.path.join(path, "train_state.json")):
+        raise ConfigError(f"generate.checkpoint={path!r} is not a checkpoint folder (no "
+                          "train_state.json); give RUN/checkpoints/step_N")
+    from megatron_ext.convert.export import checkpoint_model_fields
+    from megatron_ext.training.checkpoint import read_train_state
+    state = read_train_state(path)
+    if "origin" not in state:
+        raise ConfigError(f"generate.checkpoint={path!r} records no model origin; it predates "
+                          "this version")
+    model = dataclasses.replace(cfg.model, **checkpoint_model_fields(state), hf_path=None)
+    data = cfg.data
+    if data.tokenizer == "byte":
+        data = dataclasses.replace(data, tokenizer=recorded_tokenizer(state["origin"]))
+    return dataclasses.replace(cfg, model=model, data=data)
+
+
+def recorded_tokenizer(origin: Dict) -> str:
+    """The tokenizer the checkpoint was trained with: its path, or when that is gone the
+    files the checkpoint keeps, written to a temporary folder."""
+    path = origin["tokenizer"]
+    if path == "byte" or os.path.exists(path) or not origin.get("tokenizer_files"):
+        return path
+    import base64
+    import tempfile
+    folder = tempfile.mkdtemp(prefix="tokenizer_")
+    for name, data in origin["tokenizer_files"].items():
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(base64.b64decode(data))
+    # a lone tokenizer.json was a data.tokenizer=FILE.json
+    return folder if len(origin["tokenizer_files"]) > 1 else os.path.join(folder, "tokenizer.json")
+
+
+def read_prompts(path: Optional[str]) -> List[Dict]:
+    if not path or not os.path.isfile(path):
+        raise ConfigError(f"generate.prompts={path!r} is not a file; give a JSONL of "
+                          '{"prompt": ...} or {"messages": [...]} records')
+    records = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if not isinstance(record.get("prompt"), str) and not isinstance(record.get("messages"), list):
+                raise ConfigError(f"{path}:{n} has neither a \"prompt\" string nor a "
+                                  "\"messages\" list")
+            records.append(record)
+    if not records:
+        raise ConfigError(f"generate.prompts={path!r} holds no records")
+    return records
+
+
+def prompt_ids(record: Dict, tokenizer, chat_template: str) -> List[int]:
+    """Token ids of one record: chat messages through the tokenizer's chat template, a plain
+    prompt as AutoTokenizer tokenises it (through the template with chat_template=true)."""
+    use_template = chat_template.lower() == "true" or (chat_template == "auto" and "messages" in record)
+    if use_template:
+        if not hasattr(tokenizer, "chat"):
+            raise ValueError("the byte tokenizer has no chat template; use plain prompts with "
+                             "generate.chat_template=false")
+        messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
+        return tokenizer.chat(messages)
+    if "prompt" not in record:
+        raise ValueError("a \"messages\" record needs the chat template; set "
+                         "generate.chat_template=auto or true")
+    encode = getattr(tokenizer, "prompt_ids", tokenizer.encode)
+    return encode(record["prompt"])
+
+
+def logprobs_at_t1(chunks, tokens, vocab: int, tp_group, pp_group):
+    """`[b, L]` log-probabilities at temperature 1 over the real vocab of each token given the
+    ones before it (column 0 is 0), from one teacher-forced forward of the whole pipeline;
+    every rank gets them. Sampled rollouts record their log-probs at the sampling temperature,
+    which is what PPO needs but not what a user reads."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from megatron_ext.models.generate import _Stages
+    stages = _Stages(chunks, pp_group)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    out = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
+    with torch.no_grad():
+        logits = stages(tokens, positions, None)
+        if stages.is_last:
+            logp = F.log_softmax(logits[:, :-1, :vocab].float(), dim=-1)
+            out[:, 1:] = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+    if stages.pp > 1:
+        dist.broadcast(out, src=stages.last, group=pp_group)
+    return out
+
+
+def run(cfg: Config, topo, log) -> List[Dict]:
+    """The output records of every prompt (on every rank)."""
+    import torch
+
+    from megatron_ext.data.tokenizer import build_tokenizer
+    from megatron_ext.models.generate import SamplingParams, generate
+    from megatron_ext.models.gpt import build_gpt_chunks, model_vocab_size
+    g = cfg.generate
+    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    vocab = model_vocab_size(cfg, tokenizer)
+    chunks = build_gpt_chunks(cfg, topo, vocab)
+    if g.checkpoint:
+        from megatron_ext.training.checkpoint import CheckpointManager, ModelPart, model_shape
+        CheckpointManager(os.path.join(g.checkpoint, ".unused"), topo, keep=1,
+                          sharded={"model": ModelPart(chunks)}, states={},
+                          shape=model_shape(cfg.model, vocab, chunks),
+                          log=log).load(g.checkpoint, only=("model",))
+    else:
+        from megatron_ext.convert.hf_load import load_hf_weights
+        load_hf_weights(chunks, cfg.model.hf_path, topo, vocab)
+    records = read_prompts(g.prompts)
+    params = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                            top_p=g.top_p)
+    generator = torch.Generator(device=topo.device).manual_seed(cfg.seed)
+    tp = topo.tp_group if topo.dims.tp > 1 else None
+    pp = topo.pp_group if topo.dims.pp > 1 else None
+    out, started = [], time.perf_counter()
+    for first in range(0, len(records), g.batch_size):
+        batch = records[first:first + g.batch_size]
+        ids = [prompt_ids(r, tokenizer, g.chat_template) for r in batch]
+        roll = generate(chunks, ids, tokenizer, params, vocab_size=vocab, generator=generator,
+                        tp_group=tp, pp_group=pp)
+        logprobs = (roll.logprobs if g.temperature in (0, 1) else
+                    logprobs_at_t1(chunks, roll.tokens, vocab, tp, pp))
+        for i, record in enumerate(batch):
+            start, n = int(roll.prompt_lens[i]), int(roll.response_lens[i])
+            out.append({"prompt": record.get("prompt", record.get("messages")),
+                        "response": roll.texts[i],
+                        "token_ids": roll.tokens[i, start:start + n].tolist(),
+                        "logprobs": logprobs[i, start:start + n].tolist(),
+                        "finish_reason": roll.finish_reasons[i]})
+        tokens = sum(len(r["token_ids"]) for r in out)
+        log(f"generate {len(out)}/{len(records)} prompts | {tokens} tokens | "
+            f"{tokens / (time.perf_counter() - started):,.1f} tok/s")
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    world = topology.env_world()[2]
+    cfg, _ = checked_config(overrides, world)
+    try:
+        cfg = with_checkpoint_model(cfg)
+        dims = validate(cfg, world)
+        read_prompts(cfg.generate.prompts)
+        if not cfg.generate.out:
+            raise ConfigError("generate.out is unset; give generate.out=FILE.jsonl")
+    except ValueError as err:
+        print(f"config error: {err}", file=sys.stderr, flush=True)
+        return 2
+    compat.setup(verbose=cfg.logging.verbose)
+    topo = topology.initialize(dims, seed=cfg.seed, timeout_s=cfg.parallel.timeout_s)
+
+    def log(message: str) -> None:
+        if topo.rank == 0:
+            print(message, flush=True)
+
+    try:
+        records = run(cfg, topo, log)
+        if topo.rank == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(cfg.generate.out)), exist_ok=True)
+            with open(cfg.generate.out, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+            print(f"wrote {len(records)} records to {cfg.generate.out}", flush=True)
+    finally:
+        topology.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
