@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 tmp=$(mktemp -d -t mext-tests-XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
 export TMPDIR="$tmp" WANDB_MODE=offline PYTHONDONTWRITEBYTECODE=1
-.venv/bin/python -m pytest -q -p no:cacheprovider tests "$@"
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 tests "$@"

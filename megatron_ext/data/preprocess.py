@@ -7,6 +7,7 @@ Tokenisation runs in `--workers` processes, in order, so the output does not dep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -60,6 +61,18 @@ def _lines(path: str, key: str) -> Iterator[Tuple[int, bytes, str]]:
             yield lineno, raw, key
 
 
+@contextlib.contextmanager
+def _encoder(tokenizer: str, workers: int):
+    """`encode(items)` in order: in this process for one worker, else in a pool of spawned
+    processes (a forked child of a process with threads, e.g. torch's, can deadlock)."""
+    if workers <= 1:
+        _init_worker(tokenizer)
+        yield lambda items: map(_encode, items)
+        return
+    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer,)) as pool:
+        yield lambda items: pool.imap(_encode, items, chunksize=64)
+
+
 def preprocess(inputs: List[str], key: str, tokenizer: str, prefix: str, workers: int = 1,
                on_malformed: str = "error", progress=None) -> dict:
     """Write PREFIX.bin/.idx from the JSONL files `inputs`; return the summary (documents,
@@ -73,10 +86,9 @@ def preprocess(inputs: List[str], key: str, tokenizer: str, prefix: str, workers
     builder = IndexedDatasetBuilder(get_bin_path(prefix), dtype=DType.optimal_dtype(vocab))
     docs = tokens = skipped = 0
     start = time.perf_counter()
-    with multiprocessing.get_context("fork").Pool(max(workers, 1), _init_worker,
-                                                   (tokenizer,)) as pool:
+    with _encoder(tokenizer, workers) as encode:
         for path in inputs:
-            for lineno, ids, error in pool.imap(_encode, _lines(path, key), chunksize=64):
+            for lineno, ids, error in encode(_lines(path, key)):
                 if error:
                     if on_malformed != "skip":
                         raise DataError(f"{path}:{lineno}: malformed line ({error}); fix the "
