@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Tuple, Union
 
 from megatron_ext.data.task import ArithmeticTask
 
@@ -25,12 +25,12 @@ def encode_example(tokenizer, prompt: str, response: str, loss_on_prompt: bool) 
     return Example(head + tail, [int(loss_on_prompt)] * len(head) + [1] * len(tail))
 
 
-def read_jsonl(path: str, on_malformed: str = "error",
-               stats: Optional[dict] = None, key: str = "data.path"
-               ) -> Iterator[Union[Tuple[str, str], list]]:
-    """(prompt, response) pairs, or a chat record's messages list. A malformed line raises
-    DataError naming file:line, or with on_malformed="skip" is counted in stats["skipped"] and
-    passed over. `key` is the config field the path came from, for the messages."""
+def jsonl_objects(path: str, parse: Callable[[dict], object], on_malformed: str = "error",
+                  stats: Optional[dict] = None, key: str = "data.path") -> Iterator:
+    """`parse(obj)` of each JSON object line of `path`. A malformed line (not JSON, not an
+    object, or one `parse` refuses with ValueError) raises DataError naming file:line, or with
+    on_malformed="skip" is counted in stats["skipped"] and passed over. `key` is the config
+    field the path came from, for the messages."""
     if not os.path.isfile(path):
         raise DataError(f"data file {path!r} does not exist; check {key}")
     stats = stats if stats is not None else {}
@@ -43,14 +43,7 @@ def read_jsonl(path: str, on_malformed: str = "error",
                 obj = json.loads(raw.decode("utf-8"))
                 if not isinstance(obj, dict):
                     raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-                if "messages" in obj:
-                    from megatron_ext.data.chat import check_messages  # chat imports Example
-                    item = check_messages(obj["messages"])
-                else:
-                    item = obj.get("prompt"), obj.get("response")
-                    if not all(isinstance(x, str) for x in item):
-                        raise ValueError('needs string fields "prompt" and "response"), or '
-                                         'a "messages" list (a chat')
+                item = parse(obj)
             except ValueError as err:
                 if on_malformed == "skip":
                     stats["skipped"] += 1
@@ -58,6 +51,24 @@ def read_jsonl(path: str, on_malformed: str = "error",
                 raise DataError(f"{path}:{lineno}: malformed line ({err}); fix the line or "
                                 "set data.on_malformed=skip") from None
             yield item
+
+
+def _pair_or_messages(obj: dict) -> Union[Tuple[str, str], list]:
+    if "messages" in obj:
+        from megatron_ext.data.chat import check_messages  # chat imports Example
+        return check_messages(obj["messages"])
+    item = obj.get("prompt"), obj.get("response")
+    if not all(isinstance(x, str) for x in item):
+        raise ValueError('needs string fields "prompt" and "response"), or a "messages" list '
+                         '(a chat')
+    return item
+
+
+def read_jsonl(path: str, on_malformed: str = "error",
+               stats: Optional[dict] = None, key: str = "data.path"
+               ) -> Iterator[Union[Tuple[str, str], list]]:
+    """(prompt, response) pairs, or a chat record's messages list, of an SFT JSONL file."""
+    return jsonl_objects(path, _pair_or_messages, on_malformed, stats, key)
 
 
 def task_examples(task: ArithmeticTask, n: int, split: str = "train") -> List[Tuple[str, str]]:

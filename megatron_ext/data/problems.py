@@ -3,11 +3,9 @@
 turn) plus `"answer"`; every other field rides along to the rewards."""
 from __future__ import annotations
 
-import json
-import os
 from typing import List, Tuple
 
-from megatron_ext.data.examples import DataError
+from megatron_ext.data.examples import DataError, jsonl_objects
 
 
 class ProblemRecord(dict):
@@ -44,26 +42,14 @@ def read_problems(path: str, tokenizer, on_malformed: str = "error",
                   key: str = "data.path") -> Tuple[List[ProblemRecord], int]:
     """(records, malformed lines skipped). A malformed line raises DataError naming file:line,
     unless on_malformed="skip"."""
-    if not os.path.isfile(path):
-        raise DataError(f"data file {path!r} does not exist; check {key}")
-    records, skipped = [], 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-                if not isinstance(obj, dict):
-                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-                if "answer" not in obj:
-                    raise ValueError('needs an "answer" field for the verifier')
-                records.append(ProblemRecord(obj, render_prompt(obj, tokenizer)))
-            except ValueError as err:
-                if on_malformed == "skip":
-                    skipped += 1
-                    continue
-                raise DataError(f"{path}:{lineno}: malformed line ({err}); fix the line or set "
-                                "data.on_malformed=skip") from None
+    def parse(obj: dict) -> ProblemRecord:
+        if "answer" not in obj:
+            raise ValueError('needs an "answer" field for the verifier')
+        return ProblemRecord(obj, render_prompt(obj, tokenizer))
+
+    stats: dict = {}
+    records = list(jsonl_objects(path, parse, on_malformed, stats, key))
+    skipped = stats["skipped"]
     if not records:
         raise DataError(f"{key}={path!r} holds no problem ({skipped} malformed lines skipped); "
                         'give {"prompt": ..., "answer": ...} lines')
