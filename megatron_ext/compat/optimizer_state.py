@@ -44,8 +44,12 @@ def fill_fresh_adam_state(optimizer) -> None:
             continue
         init(inner, opt.config)
         if isinstance(inner, torch.optim.Adam):  # AdamW too; its step lives in the state
-            for state in inner.state.values():
-                state.setdefault("step", torch.tensor(0.0))
+            for group in inner.param_groups:
+                # where torch's Adam keeps it: on the param's device when fused or capturable
+                on_param = group.get("fused") or group.get("capturable")
+                for p in group["params"]:
+                    inner.state[p].setdefault("step", torch.zeros(
+                        (), dtype=torch.float32, device=p.device if on_param else "cpu"))
 
 
 @contextlib.contextmanager
