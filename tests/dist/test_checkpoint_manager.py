@@ -54,12 +54,12 @@ def _fake_step(chunks, optimizer, seed):
 
 
 def _policy_and_critic(cfg, topo, vocab):
-    from megatron_ext.models.critic import build_critic
+    from megatron_ext.models.critic import build_critic, critic_config
     from megatron_ext.models.gpt import build_model
     from megatron_ext.training.optimizer import build_optimizer
-    policy = build_model(cfg, topo, vocab)
-    critic, critic_opt = build_critic(cfg, topo, vocab)
-    return policy, build_optimizer(cfg, policy), critic, critic_opt
+    policy, critic = build_model(cfg, topo, vocab), build_critic(cfg, topo, vocab)
+    return (policy, build_optimizer(cfg, policy), critic,
+            build_optimizer(critic_config(cfg), critic))
 
 
 def _manager(root, topo, cfg, policy, popt, critic, copt, counter, logs):
@@ -257,14 +257,28 @@ def _reshard_layouts(rank, world_size, out, optimizer_overrides):
 
     compat.setup()
     from megatron_ext.models.reshard import gather_full_state
-    from megatron_ext.training.trainer import Trainer
+    from megatron_ext.train import build_loop
+
+    class Run:
+        """The training loop driven one step at a time."""
+
+        def __init__(self, loop):
+            self.loop, self.checkpoints = loop, loop.checkpoints
+            self.model = loop.recipe.policy.chunks
+
+        def train_step(self):
+            self.loop.step += 1
+            return self.loop.recipe.train_step(self.loop.step)
+
+        def save(self):
+            return self.loop.save()
 
     def trainer(name, tp):
         cfg = compose_config(LAYOUT_BASE + optimizer_overrides +
                              [f"parallel.tp={tp}", f"run.dir={os.path.join(out, name)}"])
         topo = topology.initialize(validate(cfg, world_size), seed=cfg.seed)
         os.makedirs(cfg.run.dir, exist_ok=True)
-        return Trainer(cfg, topo, cfg.run.dir), topo
+        return Run(build_loop(cfg, topo, cfg.run.dir)), topo
 
     res = {"losses": {}, "logs": []}
     t, topo = trainer("tp1", 1)
