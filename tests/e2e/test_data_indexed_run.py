@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from tests.e2e.kill import sigkill_when_logged
+
 STEPS = 6
 
 
@@ -50,13 +52,7 @@ def test_pp3_blend_trains_and_resumes_at_the_exact_sample(blend, tmp_path):
     assert len(_train_records(ref)) == STEPS
 
     run = str(tmp_path / "run")
-    proc = subprocess.Popen(_cmd(blend, run), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, start_new_session=True)
-    for line in proc.stdout:
-        if line.startswith(f"step {4:>5}/"):
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-    proc.wait(timeout=120)
+    assert sigkill_when_logged(_cmd(blend, run), 4) == -signal.SIGKILL
     again = subprocess.run(_cmd(blend, run), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout

@@ -12,6 +12,8 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+from tests.e2e.kill import sigkill_when_logged
+
 STEPS = 8
 BASE = ["logging=none", "model.vocab_size=512", "train.seq_len=32", "train.micro_batch_size=2",
         "train.global_batch_size=8", f"train.steps={STEPS}", "train.save_interval=2",
@@ -50,14 +52,7 @@ def reference(tmp_path_factory):
 
 def _kill_at(run_dir, step, extra=()):
     """Start the run and SIGKILL every process of it once step `step` is logged."""
-    proc = subprocess.Popen(_cmd(run_dir, extra=extra), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, start_new_session=True)
-    for line in proc.stdout:
-        if line.startswith(f"step {step:>5}/"):
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-    proc.wait(timeout=120)
-    assert proc.returncode == -signal.SIGKILL
+    assert sigkill_when_logged(_cmd(run_dir, extra=extra), step) == -signal.SIGKILL
 
 
 @pytest.mark.parametrize("kill_step", sorted(random.Random(2026).sample(range(3, STEPS), 3)))
