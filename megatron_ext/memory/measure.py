@@ -97,25 +97,27 @@ def measure_layouts(rank: int, world_size: int, out_dir: str, layouts: Dict[str,
 
     compat.setup()
     from megatron.core import parallel_state as ps
-    from megatron_ext.training.trainer import Trainer
+    from megatron_ext.train import build_loop
 
     for name, overrides in layouts.items():
         cfg = compose_config(list(overrides) + [f"run.dir={out_dir}/{name}"])
         topo = topology.initialize(validate(cfg, world_size), seed=cfg.seed)
         os.makedirs(cfg.run.dir, exist_ok=True)
-        trainer = Trainer(cfg, topo, cfg.run.dir)
+        recipe = build_loop(cfg, topo, cfg.run.dir).recipe
+        policy = recipe.policy
         measured = {}
-        forward_backward = trainer.forward_backward
+        schedule = policy._run  # forward and backward of one global batch
 
-        def measured_forward_backward():
-            result, measured["peak"], measured["where"] = peak_live_bytes(forward_backward)
+        def measured_schedule(*args, **kwargs):
+            result, measured["peak"], measured["where"] = peak_live_bytes(
+                lambda: schedule(*args, **kwargs))
             return result
 
-        trainer.forward_backward = measured_forward_backward
-        trainer.train_step()
+        policy._run = measured_schedule
+        recipe.train_step(1)
         record = {"pp_rank": topo.pp_rank, "tp_rank": topo.tp_rank, "dp_rank": topo.dp_rank,
                   "activation_peak": measured["peak"], "peak_op": measured["where"],
-                  "static": static_bytes(trainer.model, trainer.optimizer)}
+                  "static": static_bytes(policy.chunks, policy.optimizer)}
         with open(os.path.join(out_dir, f"{name}.rank{rank}.json"), "w") as f:
             json.dump(record, f)
         ps.destroy_model_parallel()
