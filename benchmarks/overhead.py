@@ -109,15 +109,17 @@ def tokens_per_s(args, overrides):
     dims = validate(cfg, 1)
     compat.setup()
     topo = topology.initialize(dims, seed=cfg.seed)
-    from megatron_ext.training.trainer import Trainer
-    trainer = Trainer(cfg, topo, args.run_dir)
-    sampler = type(trainer.sampler)(len(trainer.train_rows), args.gbs, args.mbs, 0, 1, cfg.seed)
-    vocab = trainer.model[0].module.vocab_size
+    from megatron_ext.train import build_loop
+    recipe = build_loop(cfg, topo, args.run_dir).recipe
+    sampler = type(recipe.sampler)(len(recipe.train_rows), args.gbs, args.mbs, 0, 1, cfg.seed)
+    vocab = recipe.policy.modules()[0].vocab_size
     plain = PlainLoop(args, vocab)
     times = {"ours": [], "plain": []}
-    for _ in range(args.steps):
-        times["ours"].append(trainer.train_step()["step_time_s"])
-        batch = [trainer.train_rows.batch(ix) for ix in sampler.next_step()]
+    for step in range(1, args.steps + 1):
+        start = time.perf_counter()
+        recipe.train_step(step)
+        times["ours"].append(time.perf_counter() - start)
+        batch = [recipe.train_rows.batch(ix) for ix in sampler.next_step()]
         times["plain"].append(plain.step(batch))
     topology.destroy()
     rate = {k: args.gbs * args.seq / (sum(t[args.warmup:]) / len(t[args.warmup:]))

@@ -30,16 +30,24 @@ POLICIES = {
 
 
 def measure(overrides, layers, steps, run_dir):
-    from megatron_ext.training.trainer import Trainer
+    from megatron_ext.train import build_loop
     cfg = compose_config(overrides + [f"run.dir={run_dir}"])
     topo = topology.initialize(validate(cfg, 1), seed=cfg.seed)
-    trainer = Trainer(cfg, topo, run_dir)
-    _, peak, _ = peak_live_bytes(trainer.forward_backward)
-    trainer.optimizer.zero_grad()
+    recipe = build_loop(cfg, topo, run_dir).recipe
+    policy, got = recipe.policy, {}
+    schedule = policy._run  # forward and backward of one global batch: the activation peak
+
+    def measured(*args, **kwargs):
+        result, got["peak"], _ = peak_live_bytes(lambda: schedule(*args, **kwargs))
+        return result
+
+    policy._run = measured
+    recipe.train_step(1)
+    policy._run, peak = schedule, got["peak"]
     times = []
-    for _ in range(steps):
+    for step in range(2, steps + 2):
         start = time.perf_counter()
-        trainer.train_step()
+        recipe.train_step(step)
         times.append(time.perf_counter() - start)
     from megatron.core import parallel_state as ps
     ps.destroy_model_parallel()
