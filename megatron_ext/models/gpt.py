@@ -107,7 +107,7 @@ def layer_spec(cfg: Config) -> Tuple[ModuleSpec, str]:
     that says which attention runs). The spec is TE's when TE imports on a GPU, else the local
     one; with parallel.cp > 1 its core attention is our ring attention, so CP needs no TE."""
     requested = cfg.model.attention_backend
-    backend = resolve_backend(requested, cfg.model.dtype)
+    backend = resolve_backend(requested, cfg.model.dtype, documents=cfg.isolates_documents)
     if has_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec)
