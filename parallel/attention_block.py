@@ -16,8 +16,9 @@ Two kernels:
            multiple of 8). Elsewhere (CUDA fp32, other head dims) the reference serves.
            Both ops align a causal mask top-left, so a causal block with more keys than queries
            runs as a full piece (the keys every query sees) and a square causal piece, merged.
-           Bounds become the CPU op's additive mask; the CUDA flash op takes no mask, so on
-           CUDA a block with bounds runs on the reference.
+           Bounds become the CPU op's additive mask, ``block`` query rows at a time over only
+           the keys those rows see; the CUDA flash op takes no mask, so on CUDA a block with
+           bounds runs on the reference.
   "torch"  the pure-PyTorch reference: online softmax over [block x block] score tiles.
 flex_attention also returns the log-sum-exp but has no backward on CPU (torch 2.13).
 """
@@ -246,6 +247,48 @@ def _sdpa_backward(dout, q, k, v, out, lse, scale, causal):
     return dq, dk, dv
 
 
+def _bounded_pieces(bounds: Bounds, block: int):
+    """(query rows, key span, their bounds within the span) of a bounded block, ``block`` query
+    rows at a time: each piece's keys are only the span its rows see (its mask stays [block x
+    span], and work outside every row's document is not done); pieces that see nothing are
+    left out. One host sync."""
+    first, last = bounds
+    sq = first.shape[1]
+    starts = list(range(0, sq, block))
+    seen = first <= last
+    big = torch.iinfo(first.dtype).max
+    spans = torch.stack([torch.stack([first[:, r:r + block].masked_fill(~seen[:, r:r + block], big)
+                                      .min(), last[:, r:r + block].max()]) for r in starts])
+    for r, (lo, hi) in zip(starts, spans.tolist()):
+        if lo <= hi:
+            rows, keys = slice(r, r + block), slice(lo, hi + 1)
+            yield rows, keys, (first[:, rows] - lo, last[:, rows] - lo)
+
+
+def _masked_op_forward(q, k, v, scale, bounds, block):
+    b, sq, hq, _ = q.shape
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, hq, sq), float("-inf"), device=q.device)
+    for rows, keys, piece in _bounded_pieces(bounds, block):
+        out[:, rows], lse[:, :, rows] = _op_forward(q[:, rows], k[:, keys], v[:, keys], scale,
+                                                    False, piece)
+    return out, lse
+
+
+def _masked_op_backward(dout, q, k, v, out, lse, scale, bounds, block):
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros_like(dk)
+    for rows, keys, piece in _bounded_pieces(bounds, block):
+        piece_dq, piece_dk, piece_dv = _op_backward(
+            dout[:, rows], q[:, rows], k[:, keys], v[:, keys], out[:, rows], lse[:, :, rows],
+            scale, False, piece)
+        dq[:, rows] = piece_dq
+        dk[:, keys] += piece_dk
+        dv[:, keys] += piece_dv
+    return dq, dk, dv
+
+
 # ---------------------------------------------------------------------------------------------
 # The entry points.
 # ---------------------------------------------------------------------------------------------
@@ -279,12 +322,12 @@ def attention_block_forward(
     """(out fp32 [b, sq, hq, d], lse fp32 [b, hq, sq]) of one block pair, GQA without repeats.
 
     Neither kernel holds a full score matrix (the reference: one [block x block] tile per head),
-    so 64K-token shards fit; with ``bounds`` the CPU op takes a [b, sq, sk] mask. ``block``
-    sizes the reference's tiles.
+    so 64K-token shards fit (with ``bounds`` the CPU op's mask is [block x keys seen]).
+    ``block`` sizes the reference's tiles and the masked op's query pieces.
     """
     _check(q, k, causal, kernel, bounds)
     if bounds is not None and kernel == "sdpa" and q.device.type == "cpu":
-        return _op_forward(q, k, v, softmax_scale, False, bounds)
+        return _masked_op_forward(q, k, v, softmax_scale, bounds, block)
     if kernel == "sdpa" and _uses_sdpa_op(q) and bounds is None:
         return _sdpa_forward(q, k, v, softmax_scale, causal)
     return _torch_forward(q, k, v, softmax_scale, causal, block, bounds)
@@ -306,7 +349,7 @@ def attention_block_backward(
     """fp32 (dq, dk, dv) of one block pair, given the final output and LSE of these queries."""
     _check(q, k, causal, kernel, bounds)
     if bounds is not None and kernel == "sdpa" and q.device.type == "cpu":
-        return _op_backward(dout, q, k, v, out, lse, softmax_scale, False, bounds)
+        return _masked_op_backward(dout, q, k, v, out, lse, softmax_scale, bounds, block)
     if kernel == "sdpa" and _uses_sdpa_op(q) and bounds is None:
         return _sdpa_backward(dout, q, k, v, out, lse, softmax_scale, causal)
     return _torch_backward(dout, q, k, v, out, lse, softmax_scale, causal, block, bounds)
