@@ -300,8 +300,9 @@ def _check(q, k, causal: bool, kernel: str, bounds: Optional[Bounds]) -> None:
     if bounds is not None and (causal or any(x.shape != q.shape[:2] for x in bounds)):
         raise ValueError(
             f"attention block bounds of shapes {[tuple(x.shape) for x in bounds]} with causal="
-            f"{causal}: bounds replace the causal pattern and give each of the {tuple(q.shape[:2])} "
-            "queries its (first, last) key; pass causal=False and [b, sq] bounds.")
+            f"{causal}: bounds replace the causal pattern and give each of the "
+            f"{tuple(q.shape[:2])} queries its (first, last) key; pass causal=False and [b, sq] "
+            "bounds.")
     if causal and k.shape[1] < q.shape[1]:
         raise ValueError(
             f"Causal block with {q.shape[1]} queries and {k.shape[1]} keys: bottom-right "

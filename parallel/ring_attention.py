@@ -105,8 +105,8 @@ def _plan(size: int, rank: int, causal: bool, half: int, sq: int,
     for t, step in enumerate(steps):
         source = (rank - t) % size
         for rows, cols, block_causal, _ in step:
-            start = 0 if size == 1 else (source if cols.start == 0 else 2 * size - 1 - source) * half
-            n_keys = s if size == 1 else half
+            chunk = source if cols.start == 0 else 2 * size - 1 - source  # the kv chunk's index
+            start, n_keys = (0, s) if size == 1 else (chunk * half, half)
             first_key = (lo[:, rows] - start).clamp_min(0)
             last_key = (hi[:, rows] - start).clamp_max(n_keys - 1)
             flags.append(torch.stack([
@@ -118,7 +118,8 @@ def _plan(size: int, rank: int, causal: bool, half: int, sq: int,
     for (t, rows, cols, block_causal, bounds), (reached, plain) in zip(
             tasks, torch.stack(flags).tolist()):
         if reached:
-            plan[t].append((rows, cols, block_causal, None) if plain else (rows, cols, False, bounds))
+            plan[t].append((rows, cols, block_causal, None) if plain
+                           else (rows, cols, False, bounds))
     return plan
 
 

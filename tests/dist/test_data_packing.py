@@ -45,9 +45,10 @@ def _worker(rank, world_size, cp, path, out):
         r = rows[name]
         batches = [recipe.policy.place(r.batch(list(range(len(r)))))]
         seen = []
-        step = recipe.policy.train_on(batches, lm_loss, LM_METRICS, labels=True, inspect_grads=lambda:
-                                      seen.append(gather_full_state(recipe.policy.chunks, topo,
-                                                                    grads=True)))
+        step = recipe.policy.train_on(
+            batches, lm_loss, LM_METRICS, labels=True,
+            inspect_grads=lambda: seen.append(gather_full_state(recipe.policy.chunks, topo,
+                                                                grads=True)))
         grads[name] = seen[0]  # (the LR of the warm-up's step 0 is 0: the weights stay)
         train_losses[name] = step.loss
     if rank == 0:  # the full gradients are gathered on rank 0
