@@ -1,0 +1,159 @@
+"""models/decode.py against the training forward, one process (TP = PP = 1): prefill of
+right-padded prompts of different lengths into scattered slots, decode steps on a changing set
+of slots (one idle, then resumed), a finished slot reused for a new prompt in a call that mixes
+prefill and decode rows; every call's logits equal the full-sequence forward's at the same
+position to 1e-5 (fp32), for the HF model variants (tests/hf_tiny.py) and our preset (fused
+SwiGLU on and off, tied and untied). TP=2 and PP=2 (x VPP=2): tests/dist/test_decode_dist.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+TOL = 1e-5
+NUM_SLOTS, MAX_LEN = 5, 24
+
+
+def scenario(vocab: int, seed: int = 0):
+    """The calls of a generation, as (sequences, calls): sequences[name] are the token ids a
+    slot holds in the end; each call is a list of (name, slot, start, stop): the row feeds
+    tokens start..stop-1 of that sequence into that slot."""
+    gen = torch.Generator().manual_seed(seed)
+    lens = {"a": 11, "b": 16, "c": 7, "d": 12}
+    seqs = {k: torch.randint(0, vocab, (n,), generator=gen).tolist() for k, n in lens.items()}
+    calls = [
+        [("a", 3, 0, 5), ("b", 0, 0, 9), ("c", 4, 0, 3)],  # prefill, right-padded to 9
+        [("a", 3, 5, 6), ("b", 0, 9, 10), ("c", 4, 3, 4)],  # decode, all three
+        [("b", 0, 10, 11), ("c", 4, 4, 5)],  # "a" idles
+        [("c", 4, 5, 6), ("a", 3, 6, 7), ("b", 0, 11, 12)],  # another row order
+        [("d", 4, 0, 6), ("b", 0, 12, 13)],  # "c" is done: its slot takes "d"; mixed call
+        [("a", 3, 7, 8), ("d", 4, 6, 7), ("b", 0, 13, 14)],
+        [("d", 4, 7, 10), ("a", 3, 8, 11)],  # continued prefill of two rows after a cache
+        [("b", 0, 14, 15), ("d", 4, 10, 12)],
+    ]
+    return seqs, calls
+
+
+def batch(seqs, call, device, pad: int = 0):
+    """(tokens [n, t], slots [n], positions [n, t], lengths [n]) of one call."""
+    t = max(stop - start for _, _, start, stop in call)
+    tokens = torch.full((len(call), t), pad, dtype=torch.long)
+    positions = torch.zeros(len(call), t, dtype=torch.long)
+    for i, (name, _, start, stop) in enumerate(call):
+        tokens[i, :stop - start] = torch.tensor(seqs[name][start:stop])
+        positions[i] = torch.arange(start, start + t)
+    slots = torch.tensor([slot for _, slot, _, _ in call])
+    lengths = torch.tensor([stop - start for _, _, start, stop in call])
+    return [x.to(device) for x in (tokens, slots, positions, lengths)]
+
+
+def check_scenario(step, reference, vocab: int, device, where: str) -> None:
+    """step(tokens, slots, positions, lengths) -> logits [n, vocab+] (None off the last stage);
+    reference(ids) -> logits [len(ids), vocab+] of the training forward over ids."""
+    seqs, calls = scenario(vocab)
+    want = {name: reference(ids) for name, ids in seqs.items()}
+    worst = 0.0
+    for k, call in enumerate(calls):
+        logits = step(*batch(seqs, call, device))
+        if logits is None:
+            continue
+        assert logits.dtype == torch.float32 and logits.shape[0] == len(call), where
+        for i, (name, _, _, stop) in enumerate(call):
+            diff = (logits[i] - want[name][stop - 1]).abs().max().item()
+            worst = max(worst, diff)
+            assert diff <= TOL, f"{where}: call {k} row {name} position {stop - 1}: {diff:.3g}"
+    assert worst > 0 or where.endswith("exact"), f"{where}: bitwise equal, check the reference"
+
+
+def full_logits(model):
+    """The training forward (one chunk holding the whole model) over one sequence."""
+    def run(ids):
+        tokens = torch.tensor([ids], device=next(model.parameters()).device)
+        with torch.no_grad():
+            out = model(tokens, torch.arange(len(ids), device=tokens.device)[None], None,
+                        runtime_gather_output=True)
+        return out[0].float()
+    return run
+
+
+@pytest.fixture(scope="module")
+def world():
+    from megatron_ext import compat
+
+    compat.setup()
+    from parallel import topology
+
+    yield topology
+    topology.destroy()
+
+
+def build(world, overrides, vocab, hf_dir=None):
+    from megatron_ext.config.load import compose_config
+    from megatron_ext.config.validate import validate
+    from megatron_ext.models.gpt import build_gpt_chunks
+
+    cfg = compose_config(["logging=none", *overrides])
+    dims = validate(cfg, 1)
+    world.destroy()
+    topo = world.initialize(dims, seed=cfg.seed)
+    chunks = build_gpt_chunks(cfg, topo, vocab)
+    if hf_dir is not None:
+        from megatron_ext.convert.hf_load import load_hf_weights
+        load_hf_weights(chunks, hf_dir, topo, vocab)
+    for c in chunks:
+        c.eval()
+    return chunks
+
+
+def run_decoder(chunks, vocab, where):
+    from megatron_ext.models.decode import ChunkDecoder, SlotCache
+
+    cache = SlotCache(chunks, NUM_SLOTS, MAX_LEN)
+    decoder = ChunkDecoder(chunks, cache)
+    check_scenario(lambda *args: decoder.forward(0, *args), full_logits(chunks[0]), vocab,
+                   cache.key.device, where)
+    return cache, decoder
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.fused_swiglu=true", "model.init_method_std=0.2"],
+    ["model.fused_swiglu=false", "model.init_method_std=0.2", "model.tie_embeddings=true"],
+], ids=["fused_swiglu", "plain_tied"])
+def test_preset_matches_training_forward(world, overrides):
+    chunks = build(world, overrides, 259)
+    run_decoder(chunks, 259, " ".join(overrides))
+
+
+@pytest.mark.parametrize("kind", ["llama_tied", "llama_linear", "qwen2_tied", "qwen3"])
+def test_hf_variants_match_training_forward(world, tmp_path, kind):
+    from tests.hf_tiny import VOCAB, make_hf_model
+
+    make_hf_model(kind, str(tmp_path))
+    chunks = build(world, ["model=hf", f"model.hf_path={tmp_path}"], VOCAB, str(tmp_path))
+    run_decoder(chunks, VOCAB, kind)
+
+
+def test_released_cache_and_bad_inputs_are_errors(world):
+    from megatron_ext.models.decode import ChunkDecoder, SlotCache
+
+    chunks = build(world, [], 259)
+    cache = SlotCache(chunks, 2, 8)
+    decoder = ChunkDecoder(chunks, cache)
+    tokens, slots, positions, lengths = (torch.zeros(2, 3, dtype=torch.long),
+                                         torch.tensor([0, 1]), torch.arange(3).expand(2, -1),
+                                         torch.tensor([3, 2]))
+    assert decoder.forward(0, tokens, slots, positions, lengths).shape == (2, 384)
+    with pytest.raises(ValueError, match=r"slots \(1,\) and lengths \(2,\) must both be \[n\]"):
+        decoder.forward(0, tokens, slots[:1], positions, lengths)
+    with pytest.raises(ValueError, match="a position reaches 8, beyond the cache's max_len=8"):
+        decoder.forward(0, tokens, slots, positions + 6, lengths)
+    with pytest.raises(ValueError, match="max_len=70000 exceeds the model's max_sequence_length"):
+        SlotCache(chunks, 2, 70000)
+    other = build(world, [], 259)
+    with pytest.raises(ValueError, match="the SlotCache was made for other chunks"):
+        ChunkDecoder(other, cache)
+    cache.release()
+    with pytest.raises(RuntimeError, match="the SlotCache was released"):
+        decoder.forward(0, tokens, slots, positions, lengths)
+    other[0].config.sequence_parallel = True
+    with pytest.raises(NotImplementedError, match="sequence_parallel=True"):
+        ChunkDecoder(other, SlotCache(other, 1, 4))
