@@ -5,13 +5,17 @@ Why not megatron's inference path: its static context holds one batch whose rows
 the same offset, and every token walks GPTModel.forward, TransformerBlock and the layer with
 their inference bookkeeping, which on a small model costs more than the arithmetic. Here a
 call runs any set of slots, each at its own position (prefill of right-padded prompts, decode
-of one token, or a mix), through megatron's own sub-modules with the very parameters being
-trained (no copy, no weight sync): the embedding, each TransformerLayer's norms, QKV
-projection (QK-norm included), output projection, MLP (our fused SwiGLU when configured) and
-bias-dropout-adds, the final norm and the output layer, which do their own TP communication.
-Only attention is done here: RoPE at the given positions with megatron's apply_rotary_pos_emb
-and the model's rotary table (llama3 / linear scaling included), the new K/V written into the
-slots' cache rows, and torch SDPA over the slot's cached prefix and the new tokens.
+of one token, or a mix), with the very parameters being trained (no copy, no weight sync),
+through megatron's own modules: the embedding, the norms (QK-norm included), the output layer
+with its TP gather, the bias-dropout-adds, and the MLP activation (our fused SwiGLU when
+configured). Megatron's local Column/RowParallelLinear (the QKV, output projection and MLP
+linears) run as the F.linear (+ TP all-reduce for the row-parallel ones) they are in eval, and
+megatron's MLP as its fc1 -> activation -> fc2: their module, autograd-function and
+process-group bookkeeping cost more than the matmuls of a decode step. Any other linear or MLP
+class (TE's), or a module with hooks, is called as the module.
+Attention is done here: RoPE at the given positions with megatron's rotary table (llama3 /
+linear scaling included) and its rotate-half convention, the new K/V written into the slots'
+cache rows, and torch SDPA over the slot's cached prefix and the new tokens.
 """
 from __future__ import annotations
 
@@ -19,9 +23,12 @@ import math
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.models.common.embeddings.rope_utils import _rotate_half
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLP
 
 
 def _unwrap(chunk):
@@ -57,10 +64,71 @@ def _refuse_unsupported(model) -> None:
         raise NotImplementedError(f"ChunkDecoder does not support {'; '.join(broken)}")
 
 
+def _plain(module) -> bool:
+    return not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def _lean_linear(linear):
+    """x -> (output, bias to add later) as the megatron linear computes it in eval."""
+    if not _plain(linear) or getattr(linear, "sequence_parallel", False):
+        return linear
+    if type(linear) is ColumnParallelLinear and not linear.gather_output:
+        def column(x):
+            bias = linear.bias
+            if linear.skip_bias_add:
+                return F.linear(x, linear.weight), bias
+            return F.linear(x, linear.weight, bias), None
+        return column
+    if (type(linear) is RowParallelLinear and linear.input_is_parallel
+            and not linear.explicit_expert_comm):
+        group = linear.tp_group
+        reduce = group is not None and group.size() > 1
+
+        def row(x):
+            out = F.linear(x, linear.weight)
+            if reduce:
+                dist.all_reduce(out, group=group)
+            bias = linear.bias
+            if linear.skip_bias_add or bias is None:
+                return out, bias
+            return out + bias, None
+        return row
+    return linear
+
+
+def _lean_mlp(mlp):
+    """x -> (output, bias): megatron's MLP.forward for the dense (gated) MLP of our layer
+    specs, whose activation is our fused SwiGLU module or megatron's glu with silu."""
+    c = mlp.config
+    fc1, fc2 = _lean_linear(mlp.linear_fc1), _lean_linear(mlp.linear_fc2)
+    plain = type(mlp) is MLP and _plain(mlp) and fc1 is not mlp.linear_fc1 and (
+        fc2 is not mlp.linear_fc2)
+    if not plain or c.bias_activation_fusion:
+        return mlp
+    if c.use_te_activation_func:
+        activation = mlp.activation_func
+    elif (c.gated_linear_unit and c.activation_func_clamp_value is None
+          and c.glu_linear_offset == 0.0):
+        def activation(x):
+            gate, linear = torch.chunk(x, 2, dim=-1)
+            return c.activation_func(gate) * linear
+    elif not c.gated_linear_unit:
+        activation = mlp.activation_func
+    else:
+        return mlp
+
+    def run(x):
+        x, bias = fc1(x)
+        if bias is not None:
+            x = x + bias
+        return fc2(activation(x))
+    return run
+
+
 class SlotCache:
     """K and V of this rank's layers for `num_slots` sequences of up to `max_len` tokens.
 
-    `key` and `value`: `[layers, num_slots, kv_heads_per_tp_rank, max_len + 1, head_dim]` on
+    `key` and `value`: `[layers, num_slots, max_len + 1, kv_heads_per_tp_rank, head_dim]` on
     the model's device and dtype, layers in the order of the chunks (virtual stages) and
     their decoder layers. Column `max_len` is scratch: the right padding of a call writes
     there, so it never clobbers a cached position and no host sync picks the valid tokens."""
@@ -78,7 +146,7 @@ class SlotCache:
         weight = attention.linear_qkv.weight
         self.num_slots, self.max_len = num_slots, max_len
         self.layer_index = {id(layer): i for i, layer in enumerate(layers)}
-        shape = (len(layers), num_slots, attention.num_query_groups_per_partition, max_len + 1,
+        shape = (len(layers), num_slots, max_len + 1, attention.num_query_groups_per_partition,
                  attention.hidden_size_per_attention_head)
         self.key = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
         self.value = torch.zeros_like(self.key)
@@ -92,6 +160,50 @@ class SlotCache:
             raise RuntimeError("the SlotCache was released; make a new one to generate again")
 
 
+class _Layer:
+    """One TransformerLayer in eval mode, its pieces resolved once."""
+
+    def __init__(self, layer, index: int, add):
+        attention = layer.self_attention
+        self.index, self.add, self.dropout = index, add, layer.hidden_dropout
+        self.norm1, self.norm2 = layer.input_layernorm, layer.pre_mlp_layernorm
+        self.attention = attention
+        self.qkv = _lean_linear(attention.linear_qkv)
+        self.proj = _lean_linear(attention.linear_proj)
+        self.mlp = _lean_mlp(layer.mlp)
+        self.heads = attention.num_attention_heads_per_partition
+        self.groups = attention.num_query_groups_per_partition
+        self.head_dim = attention.hidden_size_per_attention_head
+        # megatron's own split where KV heads are fewer than TP ranks (it all-gathers them)
+        self.own_split = (self.qkv is not attention.linear_qkv
+                          and layer.config.num_query_groups >= attention.world_size)
+
+    def qkv_heads(self, x):
+        """[t, n, h] -> q [t, n, heads, d], k and v [t, n, groups, d], as megatron splits its
+        QKV output: per query group [its q heads, k, v], then Q/K norms."""
+        attention = self.attention
+        if not self.own_split:
+            return attention.get_query_key_value_tensors(x)
+        mixed, _ = self.qkv(x)
+        t, n = x.shape[:2]
+        d, per_group = self.head_dim, self.heads // self.groups
+        mixed = mixed.view(t, n, self.groups, (per_group + 2) * d)
+        query, key, value = torch.split(mixed, [per_group * d, d, d], dim=3)
+        query = query.reshape(t, n, self.heads, d)
+        if attention.q_layernorm is not None:
+            query = attention.q_layernorm(query)
+        if attention.k_layernorm is not None:
+            key = attention.k_layernorm(key)
+        return query, key, value
+
+    def __call__(self, hidden, attend):
+        query, key, value = self.qkv_heads(self.norm1(hidden))
+        out = self.proj(attend(self.index, query, key, value))
+        hidden = self.add(out, hidden, self.dropout)
+        out = self.mlp(self.norm2(hidden))
+        return self.add(out, hidden, self.dropout)
+
+
 class ChunkDecoder:
     """Runs this rank's chunks (as build_gpt_chunks returns them, DDP-wrapped or not) on a
     batch of slots of a SlotCache. Calls run under no_grad; the chunks' training flag is not
@@ -101,15 +213,19 @@ class ChunkDecoder:
         self.models = [_unwrap(c) for c in chunks]
         for model in self.models:
             _refuse_unsupported(model)
-        if len(cache.layer_index) != len(_layers(self.models)) or any(
-                id(layer) not in cache.layer_index for layer in _layers(self.models)):
+        layers = _layers(self.models)
+        if len(cache.layer_index) != len(layers) or any(
+                id(layer) not in cache.layer_index for layer in layers):
             raise ValueError("the SlotCache was made for other chunks; make it from the same "
                              "chunks as the ChunkDecoder")
         self.cache = cache
         model = self.models[0]
         config = model.config
         self.scale = config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
-        self.add = get_bias_dropout_add(False, config.bias_dropout_fusion)
+        self.interleaved = config.rotary_interleaved
+        add = get_bias_dropout_add(False, config.bias_dropout_fusion)
+        self.layers = [[_Layer(layer, cache.layer_index[id(layer)], add)
+                        for layer in m.decoder.layers] for m in self.models]
         rotary = getattr(model, "rotary_pos_emb", None)
         # [max_len + 1, 1, d]: the frequencies training uses at every position (a table of
         # megatron's rotary module, whose get_emb applies the llama3 / linear scaling)
@@ -156,9 +272,9 @@ class ChunkDecoder:
                 raise ValueError(f"chunk {v} takes the previous stage's hidden [t, n, h] = "
                                  f"[{t}, {n}, h], got {tuple(inputs.shape)}")
             hidden = inputs
-        attend = _Attend(self, slots, positions, lengths, kv_len)
-        for layer in model.decoder.layers:
-            hidden = self._layer(layer, hidden, attend)
+        attend = _Attend(self, slots, positions, lengths, kv_len, hidden.dtype)
+        for layer in self.layers[v]:
+            hidden = layer(hidden, attend)
         norm = model.decoder.final_layernorm
         if not model.post_process:
             return hidden if norm is None else norm(hidden)
@@ -172,48 +288,49 @@ class ChunkDecoder:
 
     __call__ = forward
 
-    def _layer(self, layer, hidden, attend):
-        """TransformerLayer.forward in eval mode, with our attention core."""
-        attention = layer.self_attention
-        query, key, value = attention.get_query_key_value_tensors(layer.input_layernorm(hidden))
-        out = attention.linear_proj(attend(layer, query, key, value))
-        hidden = self.add(out, hidden, layer.hidden_dropout)
-        out = layer.mlp(layer.pre_mlp_layernorm(hidden))
-        return self.add(out, hidden, layer.hidden_dropout)
-
 
 class _Attend:
-    """What every layer's attention of one call shares: RoPE frequencies, cache addresses,
-    the causal key mask."""
+    """The attention of every layer in one call, and what they share: the RoPE cos/sin of
+    each token, its cache address, the causal key mask."""
 
-    def __init__(self, decoder: ChunkDecoder, slots, positions, lengths, kv_len: int):
+    def __init__(self, decoder: ChunkDecoder, slots, positions, lengths, kv_len: int, dtype):
         cache = decoder.cache
         device = positions.device
         n, t = positions.shape
-        valid = torch.arange(t, device=device)[None] < lengths[:, None]
         where = positions.clamp(0, cache.max_len)
-        self.freqs = None if decoder.rope is None else decoder.rope[where.t()]  # [t, n, 1, d]
+        if decoder.rope is not None:
+            freqs = decoder.rope[where.t()]  # [t, n, 1, d], as megatron's apply_rotary_pos_emb
+            self.cos, self.sin = torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
+        self.rotary, self.interleaved = decoder.rope is not None, decoder.interleaved
+        valid = torch.arange(t, device=device)[None] < lengths[:, None]
+        width = cache.max_len + 1
+        # flat rows of a [num_slots * (max_len + 1)] view; padding goes to the scratch column
+        self.rows = (slots[:, None] * width + torch.where(valid, positions, cache.max_len)).view(-1)
         self.slots = slots
-        self.rows = slots[:, None].expand(n, t)
-        self.columns = torch.where(valid, positions, cache.max_len)  # padding: the scratch column
         keys = torch.arange(kv_len, device=device)
         self.mask = (keys <= where[:, :, None])[:, None]  # [n, 1, t, kv_len]
-        self.kv_len, self.cache, self.decoder = kv_len, cache, decoder
+        self.kv_len, self.cache, self.scale = kv_len, cache, decoder.scale
 
-    def __call__(self, layer, query, key, value):
+    def _rope(self, x):
+        """megatron's _apply_rotary_pos_emb_bshd with this call's cos/sin (mscale 1)."""
+        rot = self.cos.shape[-1]
+        if rot < x.shape[-1]:  # rotary_percent < 1: the rest passes through
+            return torch.cat((self._rope(x[..., :rot]), x[..., rot:]), dim=-1)
+        return x * self.cos + _rotate_half(x, self.interleaved) * self.sin
+
+    def __call__(self, index: int, query, key, value):
         """query [t, n, heads, d], key and value [t, n, groups, d] -> [t, n, heads * d]."""
-        config = layer.config
-        if self.freqs is not None:
-            query = apply_rotary_pos_emb(query, self.freqs, config=config)
-            key = apply_rotary_pos_emb(key, self.freqs, config=config)
-        i = self.cache.layer_index[id(layer)]
-        k_cache, v_cache = self.cache.key[i], self.cache.value[i]  # [slots, g, max_len + 1, d]
-        k_cache[self.rows, :, self.columns] = key.transpose(0, 1).to(k_cache.dtype)
-        v_cache[self.rows, :, self.columns] = value.transpose(0, 1).to(v_cache.dtype)
-        keys = k_cache[:, :, :self.kv_len].index_select(0, self.slots)  # [n, g, kv_len, d]
-        values = v_cache[:, :, :self.kv_len].index_select(0, self.slots)
+        if self.rotary:
+            query, key = self._rope(query), self._rope(key)
         t, n, heads, d = query.shape
+        out = []
+        for new, cache in ((key, self.cache.key[index]), (value, self.cache.value[index])):
+            flat = cache.view(-1, *cache.shape[2:])
+            flat.index_copy_(0, self.rows, new.transpose(0, 1).reshape(n * t, *new.shape[2:]))
+            # [n, groups, kv_len, d]
+            out.append(cache[:, :self.kv_len].index_select(0, self.slots).transpose(1, 2))
+        keys, values = out
         out = F.scaled_dot_product_attention(
-            query.permute(1, 2, 0, 3), keys, values, attn_mask=self.mask,
-            scale=self.decoder.scale, enable_gqa=keys.shape[1] != heads)
+            query.permute(1, 2, 0, 3), keys, values, attn_mask=self.mask, scale=self.scale,
+            enable_gqa=keys.shape[1] != heads)
         return out.permute(2, 0, 1, 3).reshape(t, n, heads * d)
