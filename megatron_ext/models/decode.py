@@ -266,7 +266,9 @@ class ChunkDecoder:
             if inputs.shape != (n, t):
                 raise ValueError(f"chunk {v} takes token ids [n, t] = [{n}, {t}], got "
                                  f"{tuple(inputs.shape)}")
-            hidden = model.embedding(input_ids=inputs, position_ids=positions)
+            # learned positions: the padding's positions may lie past the table
+            hidden = model.embedding(input_ids=inputs,
+                                     position_ids=positions.clamp(0, self.cache.max_len - 1))
         else:
             if inputs.shape[:2] != (t, n):
                 raise ValueError(f"chunk {v} takes the previous stage's hidden [t, n, h] = "

@@ -3,7 +3,8 @@ right-padded prompts of different lengths into scattered slots, decode steps on 
 of slots (one idle, then resumed), a finished slot reused for a new prompt in a call that mixes
 prefill and decode rows; every call's logits equal the full-sequence forward's at the same
 position to 1e-5 (fp32), for the HF model variants (tests/hf_tiny.py) and our preset (fused
-SwiGLU on and off, tied and untied). TP=2 and PP=2 (x VPP=2): tests/dist/test_decode_dist.py."""
+SwiGLU on and off, tied and untied) and a GPTModel with learned positions.
+TP=2 and PP=2 (x VPP=2): tests/dist/test_decode_dist.py."""
 from __future__ import annotations
 
 import pytest
@@ -132,6 +133,23 @@ def test_hf_variants_match_training_forward(world, tmp_path, kind):
     run_decoder(chunks, VOCAB, kind)
 
 
+def test_learned_positions_match_training_forward(world):
+    """A GPTModel with learned absolute positions (no RoPE), which our builder never makes."""
+    from megatron_ext.config.load import compose_config
+    from megatron_ext.models.fused_loss import VocabGPTModel
+    from megatron_ext.models.gpt import layer_spec, transformer_config
+
+    _, topo = build(world, [], 259)  # the process groups
+    cfg = compose_config(["logging=none", "model.init_method_std=0.2"])
+    spec, _ = layer_spec(cfg)
+    torch.manual_seed(0)
+    model = VocabGPTModel(config=transformer_config(cfg, topo), transformer_layer_spec=spec,
+                          vocab_size=384, real_vocab_size=259, max_sequence_length=MAX_LEN,
+                          position_embedding_type="learned_absolute").eval()
+    assert model.embedding.add_position_embedding and not hasattr(model, "rotary_pos_emb")
+    run_decoder([model], 259, "learned_absolute")
+
+
 def test_released_cache_and_bad_inputs_are_errors(world):
     from megatron_ext.models.decode import ChunkDecoder, SlotCache
 
@@ -142,6 +160,8 @@ def test_released_cache_and_bad_inputs_are_errors(world):
                                          torch.tensor([0, 1]), torch.arange(3).expand(2, -1),
                                          torch.tensor([3, 2]))
     assert decoder.forward(0, tokens, slots, positions, lengths).shape == (2, 384)
+    layer, lean = chunks[0].decoder.layers[0], decoder.layers[0][0]  # megatron's local spec:
+    assert lean.qkv is not layer.self_attention.linear_qkv and lean.mlp is not layer.mlp  # lean
     with pytest.raises(ValueError, match=r"slots \(1,\) and lengths \(2,\) must both be \[n\]"):
         decoder.forward(0, tokens, slots[:1], positions, lengths)
     with pytest.raises(ValueError, match="a position reaches 8, beyond the cache's max_len=8"):
