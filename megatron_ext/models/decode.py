@@ -128,10 +128,11 @@ def _lean_mlp(mlp):
 class SlotCache:
     """K and V of this rank's layers for `num_slots` sequences of up to `max_len` tokens.
 
-    `key` and `value`: `[layers, num_slots, max_len + 1, kv_heads_per_tp_rank, head_dim]` on
-    the model's device and dtype, layers in the order of the chunks (virtual stages) and
-    their decoder layers. Column `max_len` is scratch: the right padding of a call writes
-    there, so it never clobbers a cached position and no host sync picks the valid tokens."""
+    `kv`: `[layers, num_slots, max_len + 1, 2 (K, V), kv_heads_per_tp_rank, head_dim]` on the
+    model's device and dtype, layers in the order of the chunks (virtual stages) and their
+    decoder layers; K and V side by side, so a layer writes and gathers them in one op each.
+    Column `max_len` is scratch: the right padding of a call writes there, so it never
+    clobbers a cached position and no host sync picks the valid tokens."""
 
     def __init__(self, chunks, num_slots: int, max_len: int):
         if num_slots < 1 or max_len < 1:
@@ -146,17 +147,16 @@ class SlotCache:
         weight = attention.linear_qkv.weight
         self.num_slots, self.max_len = num_slots, max_len
         self.layer_index = {id(layer): i for i, layer in enumerate(layers)}
-        shape = (len(layers), num_slots, max_len + 1, attention.num_query_groups_per_partition,
-                 attention.hidden_size_per_attention_head)
-        self.key = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
-        self.value = torch.zeros_like(self.key)
+        shape = (len(layers), num_slots, max_len + 1, 2,
+                 attention.num_query_groups_per_partition, attention.hidden_size_per_attention_head)
+        self.kv = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
 
     def release(self) -> None:
         """Free the cache memory (before a training step); the cache cannot be used after."""
-        self.key = self.value = None
+        self.kv = None
 
     def check(self) -> None:
-        if self.key is None:
+        if self.kv is None:
             raise RuntimeError("the SlotCache was released; make a new one to generate again")
 
 
@@ -325,13 +325,12 @@ class _Attend:
         if self.rotary:
             query, key = self._rope(query), self._rope(key)
         t, n, heads, d = query.shape
-        out = []
-        for new, cache in ((key, self.cache.key[index]), (value, self.cache.value[index])):
-            flat = cache.view(-1, *cache.shape[2:])
-            flat.index_copy_(0, self.rows, new.transpose(0, 1).reshape(n * t, *new.shape[2:]))
-            # [n, groups, kv_len, d]
-            out.append(cache[:, :self.kv_len].index_select(0, self.slots).transpose(1, 2))
-        keys, values = out
+        cache = self.cache.kv[index]  # [slots, max_len + 1, 2, groups, d]
+        new = torch.stack((key, value), dim=2).transpose(0, 1).to(cache.dtype)  # [n, t, 2, g, d]
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, self.rows,
+                                                     new.reshape(n * t, *new.shape[2:]))
+        both = cache[:, :self.kv_len].index_select(0, self.slots)  # [n, kv_len, 2, groups, d]
+        keys, values = both[:, :, 0].transpose(1, 2), both[:, :, 1].transpose(1, 2)
         out = F.scaled_dot_product_attention(
             query.permute(1, 2, 0, 3), keys, values, attn_mask=self.mask, scale=self.scale,
             enable_gqa=keys.shape[1] != heads)

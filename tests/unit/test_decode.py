@@ -111,7 +111,7 @@ def run_decoder(chunks, vocab, where):
     cache = SlotCache(chunks, NUM_SLOTS, MAX_LEN)
     decoder = ChunkDecoder(chunks, cache)
     check_scenario(lambda *args: decoder.forward(0, *args), full_logits(chunks[0]), vocab,
-                   cache.key.device, where)
+                   cache.kv.device, where)
     return cache, decoder
 
 
