@@ -84,13 +84,13 @@ def world():
     topology.destroy()
 
 
-def build(world, overrides, vocab, hf_dir=None, world_size=1):
-    """(chunks in eval mode, topology) of a fresh layout."""
+def build(world, overrides, vocab, hf_dir=None, world_size=1, ddp=False):
+    """(chunks in eval mode, wrapped in megatron DDP if ddp, topology) of a fresh layout."""
+    from megatron.core import parallel_state as ps
+
     from megatron_ext.config.load import compose_config
     from megatron_ext.config.validate import validate
-    from megatron_ext.models.gpt import build_gpt_chunks
-
-    from megatron.core import parallel_state as ps
+    from megatron_ext.models.gpt import build_gpt_chunks, wrap_ddp
 
     cfg = compose_config(["logging=none", *overrides])
     dims = validate(cfg, world_size)
@@ -100,6 +100,8 @@ def build(world, overrides, vocab, hf_dir=None, world_size=1):
     if hf_dir is not None:
         from megatron_ext.convert.hf_load import load_hf_weights
         load_hf_weights(chunks, hf_dir, topo, vocab)
+    if ddp:
+        chunks = wrap_ddp(cfg, chunks)
     for c in chunks:
         c.eval()
     return chunks, topo
@@ -115,13 +117,27 @@ def run_decoder(chunks, vocab, where):
     return cache, decoder
 
 
-@pytest.mark.parametrize("overrides", [
-    ["model.fused_swiglu=true", "model.init_method_std=0.2"],
-    ["model.fused_swiglu=false", "model.init_method_std=0.2", "model.tie_embeddings=true"],
-], ids=["fused_swiglu", "plain_tied"])
-def test_preset_matches_training_forward(world, overrides):
-    chunks, _ = build(world, overrides, 259)
+@pytest.mark.parametrize("overrides, ddp", [
+    (["model.fused_swiglu=true", "model.init_method_std=0.2"], True),
+    (["model.fused_swiglu=false", "model.init_method_std=0.2", "model.tie_embeddings=true"],
+     False),
+], ids=["fused_swiglu_ddp", "plain_tied"])
+def test_preset_matches_training_forward(world, overrides, ddp):
+    chunks, _ = build(world, overrides, 259, ddp=ddp)
+    assert hasattr(chunks[0], "module") == ddp
     run_decoder(chunks, 259, " ".join(overrides))
+
+
+def test_decoder_follows_weight_updates(world):
+    """The decoder computes with the model's parameters, not a copy: after an in-place update
+    (as the optimizer makes) it matches the training forward of the new weights."""
+    chunks, _ = build(world, ["model.init_method_std=0.2"], 259)
+    cache, decoder = run_decoder(chunks, 259, "before")
+    with torch.no_grad():
+        for p in chunks[0].parameters():
+            p.mul_(1.25)
+    check_scenario(lambda *args: decoder.forward(0, *args), full_logits(chunks[0]), 259,
+                   cache.kv.device, "after an update")
 
 
 @pytest.mark.parametrize("kind", ["llama_tied", "llama_linear", "qwen2_tied", "qwen3"])
