@@ -206,8 +206,9 @@ class _Layer:
 
 class ChunkDecoder:
     """Runs this rank's chunks (as build_gpt_chunks returns them, DDP-wrapped or not) on a
-    batch of slots of a SlotCache. Calls run under no_grad; the chunks' training flag is not
-    changed (dropout must be 0, as in our configs: the bias-dropout-adds run in eval mode)."""
+    batch of slots of a SlotCache. Calls run under no_grad and do not change the chunks'
+    training flag: put them in eval mode (the layers' bias-dropout-adds run without dropout
+    anyway; the embedding's dropout follows the flag)."""
 
     def __init__(self, chunks, cache: SlotCache):
         self.models = [_unwrap(c) for c in chunks]
@@ -262,6 +263,8 @@ class ChunkDecoder:
             if kv_len > self.cache.max_len:
                 raise ValueError(f"a position reaches {kv_len - 1}, beyond the cache's "
                                  f"max_len={self.cache.max_len}")
+        elif not 1 <= kv_len <= self.cache.max_len:
+            raise ValueError(f"kv_len={kv_len} must be in [1, max_len={self.cache.max_len}]")
         if model.pre_process:
             if inputs.shape != (n, t):
                 raise ValueError(f"chunk {v} takes token ids [n, t] = [{n}, {t}], got "

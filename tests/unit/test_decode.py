@@ -183,6 +183,8 @@ def test_released_cache_and_bad_inputs_are_errors(world):
         decoder.forward(0, tokens, slots[:1], positions, lengths)
     with pytest.raises(ValueError, match="a position reaches 8, beyond the cache's max_len=8"):
         decoder.forward(0, tokens, slots, positions + 6, lengths)
+    with pytest.raises(ValueError, match=r"kv_len=9 must be in \[1, max_len=8\]"):
+        decoder.forward(0, tokens, slots, positions, lengths, kv_len=9)
     with pytest.raises(ValueError, match="max_len=70000 exceeds the model's max_sequence_length"):
         SlotCache(chunks, 2, 70000)
     other, _ = build(world, [], 259)
