@@ -105,7 +105,8 @@ def _mix(h: torch.Tensor) -> torch.Tensor:
 
 def _gumbel(seed: int, requests: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
     """`[n, vocab]` fp32 Gumbel noise, a function of (seed, request, step, token) only."""
-    row = _mix(_mix(_mix(torch.full_like(requests, seed & _MASK)) ^ requests) ^ steps)
+    low = _mix(torch.full_like(requests, seed & _MASK)) ^ ((seed >> 32) & _MASK)
+    row = _mix(_mix(_mix(low) ^ requests) ^ steps)
     column = torch.arange(vocab, device=requests.device) * 0x9E3779B9 & _MASK
     h = _mix(_mix(row[:, None] ^ column[None]))
     uniform = ((h >> 8).float() + 0.5) * 2.0 ** -24  # in (0, 1)
@@ -282,9 +283,10 @@ class Engine:
         self.waiting.append(request)
         if self.is_last and request >= len(self.eos_at):  # grow the record, doubling
             grow = max(request + 1, 2 * len(self.eos_at)) - len(self.eos_at)
-            self.sampled = torch.cat([self.sampled, self.sampled.new_zeros(grow, self.sampled.shape[1])])
-            self.logprobs = torch.cat([self.logprobs, self.logprobs.new_zeros(grow, self.logprobs.shape[1])])
-            self.eos_at = torch.cat([self.eos_at, self.eos_at.new_full((grow,), self.params.max_new_tokens)])
+            width = self.params.max_new_tokens
+            self.sampled = torch.cat([self.sampled, self.sampled.new_zeros(grow, width)])
+            self.logprobs = torch.cat([self.logprobs, self.logprobs.new_zeros(grow, width)])
+            self.eos_at = torch.cat([self.eos_at, self.eos_at.new_full((grow,), width)])
         return request
 
     def unfinished(self) -> int:
@@ -300,9 +302,7 @@ class Engine:
 
     def release(self) -> None:
         """Free the KV cache (before a training step); the engine cannot be used after."""
-        if self.pending is not None:
-            self.pending.wait()
-            self.pending = None
+        self.pending = None  # drain leaves none in flight; after an error, drop it
         self.cache.release()
 
     def step(self) -> None:
@@ -353,10 +353,10 @@ class Engine:
             self.pending = ring_shift(_pack(outbound, self.device), self.pp_group,
                                       received=torch.empty(max(size, 8), dtype=torch.uint8,
                                                            device=self.device))
-        first = t - self.stages + 1  # the pass the last stage finished
-        for (slot, request), step in zip(*(self.passes[first].rows, self.passes[first].steps)
-                                         if first in self.passes else ((), ())):
-            self.completed[request] = step + 1
+        done = self.passes.get(t - self.stages + 1)  # the pass the last stage finished
+        if done is not None:
+            for (_, request), step in zip(done.rows, done.steps):
+                self.completed[request] = step + 1
         for start in [s for s in self.passes if s <= t - self.stages]:
             del self.passes[start]  # its tokens reached stage 0 this tick
         self.tick += 1
@@ -398,7 +398,9 @@ class Engine:
     def _tensors(self, g, rows, steps, n_decode, keep, last) -> _Pass:
         """The decoder and sampler arguments of a pass; when its rows are the last pass's, from
         that pass's tensors on the device (no host-to-device copy)."""
-        tensor = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)
+        def tensor(values):
+            return torch.tensor(values, dtype=torch.long, device=self.device)
+
         same = (last is not None and last.prefill is None and n_decode == len(rows)
                 == len(last.rows))
         decode = prefill = requests = steps_t = None
@@ -448,8 +450,9 @@ class Engine:
         out = []
         for rows in (pas.decode, pas.prefill):
             if rows is not None:
-                shape = (rows.positions.shape[1], rows.positions.shape[0], self.hidden)
-                out.append((self.dtype, shape, shape[0] * shape[1] * shape[2] * self.dtype.itemsize))
+                t, n = rows.positions.shape[1], rows.positions.shape[0]
+                size = t * n * self.hidden * self.dtype.itemsize
+                out.append((self.dtype, (t, n, self.hidden), size))
         return out
 
     def _inbound(self, t: int):
