@@ -181,3 +181,20 @@ def test_engine_rejects_bad_requests(monkeypatch):
         engine.add_request([1] * 11)
     with pytest.raises(ValueError, match="num_slots=0"):
         Engine(model, TOK, SamplingParams(), vocab_size=259, num_slots=0, max_len=20)
+
+
+def test_requests_added_while_running_get_their_own_samples(monkeypatch):
+    use_scripted(monkeypatch)
+    params = SamplingParams(max_new_tokens=8, temperature=1.0)
+    want, _, _ = run_engine(PROMPTS, params, 3, seed=4)
+    engine = Engine(ScriptedModel(random_logits).eval(), TOK, params, vocab_size=TOK.vocab_size,
+                    num_slots=3, max_len=100, seed=4)
+    for p in PROMPTS[:2]:
+        engine.add_request(p)
+    for _ in range(5):
+        engine.step()
+    for p in PROMPTS[2:]:  # queued behind the running ones, mid-flight
+        engine.add_request(p)
+    got = engine.drain()
+    assert [(r.request, r.tokens, r.logprobs) for r in got] == [
+        (r.request, r.tokens, r.logprobs) for r in want]
