@@ -4,11 +4,11 @@ Export reads any checkpoint layout straight from its files (convert/dist_reader.
 or one layer of a tensor at a time, in the one-process layout that megatron's sharded keys
 give once assembled; the architecture's mapping turns each into HF tensors (the QKV groups
 split into q, k, v; fc1 into gate and up; the vocab padding rows dropped), written into
-`model-0000i-of-0000n.safetensors` shards as they fill (convert/hf_writer.py), beside
+`model-0000i-of-0000n.safetensors` shards as they come (convert/hf_writer.py), beside
 config.json (dtype, RoPE and tie settings of the run), generation_config.json and the source's
 tokenizer files, byte for byte, all from the checkpoint's recorded origin (convert/origin.py).
-No model is built and no process group is needed: peak memory is about one output shard plus
-the largest tensor."""
+No model is built and no process group is needed: peak memory is about the largest tensor
+(and its HF parts), whatever the shard size."""
 from __future__ import annotations
 
 import base64
@@ -126,8 +126,8 @@ def _hf_config(origin: Dict, m) -> Dict:
 
 def export_checkpoint(checkpoint: str, out: str, max_shard_bytes: int = 5 * 2 ** 30) -> str:
     """Write the HF folder `out` of our checkpoint `checkpoint` (any layout), reading it one
-    tensor (one layer of a tensor) at a time and writing each output shard as it fills: peak
-    memory is about one shard plus the largest tensor. Returns `out`."""
+    tensor (one layer of a tensor) at a time and writing each HF tensor straight to its shard
+    file: peak memory is about the largest tensor. Returns `out`."""
     from megatron_ext.config.schema import ModelConfig
     from megatron_ext.training.checkpoint import read_train_state
     state = read_train_state(checkpoint)
@@ -146,7 +146,7 @@ def export_checkpoint(checkpoint: str, out: str, max_shard_bytes: int = 5 * 2 **
     for key, layer, rule, names in sources:
         meta = torch.empty(ckpt.shape(key, layer), device="meta")
         parts = hf_parts(rule, meta, m.num_query_groups, head_dim, vocab)
-        plan += [(n, p.numel() * dtype.itemsize) for n, p in zip(names, parts)]
+        plan += [(n, dtype, p.shape) for n, p in zip(names, parts)]
     os.makedirs(out, exist_ok=True)
     writer = ShardWriter(out, plan, max_shard_bytes)
     for key, layer, rule, names in sources:
