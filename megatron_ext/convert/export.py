@@ -77,13 +77,13 @@ def _sources(ckpt: DistCheckpoint, arch: str, tie: bool, num_layers: int
         if key.startswith("decoder.layers."):
             leaf = key[len("decoder.layers."):]
             stacked[TE_NAMES.get(leaf, leaf)] = key
-    glob = global_rules(tie)
-    plan = [(EMBEDDING, None, glob[EMBEDDING])]
+    rules = global_rules(tie)
+    plan = [(EMBEDDING, None, rules[EMBEDDING])]
     plan += [(stacked.get(leaf, f"decoder.layers.{leaf}"), i, rule)
              for i in range(num_layers) for leaf, rule in LAYER_RULES[arch].items()]
-    plan += [(FINAL_NORM, None, glob[FINAL_NORM])]
+    plan += [(FINAL_NORM, None, rules[FINAL_NORM])]
     if not tie:
-        plan.append((OUTPUT, None, glob[OUTPUT]))
+        plan.append((OUTPUT, None, rules[OUTPUT]))
     used = {key for key, _, _ in plan}
     missing = sorted(used - set(ckpt.tensors))
     unexpected = sorted(k for k in ckpt.tensors if k.startswith(_MODEL_PREFIXES) and k not in used)

@@ -6,16 +6,14 @@ twice)."""
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from benchmarks.hf_convert import measured_convert
 from tests.dist._spawn import run_distributed
 from tests.hf_tiny import VOCAB, make_hf_model, save_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LAYOUTS = {"tp1": [], "tp2pp2": ["parallel.tp=2", "parallel.pp=2"],
            "pp2vpp2": ["parallel.pp=2", "parallel.vpp=2"]}
 KINDS = ("qwen2_tied", "qwen3")
@@ -95,24 +93,6 @@ def test_export_of_any_layout_equals_the_tp1_export(saved, kind):
             assert torch.equal(tensor, source[name]), (layout, name)
 
 
-_MEASURE = """
-import json, sys
-from megatron_ext.convert.export import export_checkpoint
-import megatron_ext.config.schema, megatron_ext.training.checkpoint, safetensors.torch  # noqa
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-before = status("VmRSS:")
-export_checkpoint(sys.argv[1], sys.argv[2], max_shard_bytes=int(sys.argv[3]))
-print(json.dumps({"growth": status("VmHWM:") - before}))
-"""
-
-
 def test_export_memory_stays_far_below_the_model(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig
     src, ckpt, out = tmp_path / "src", tmp_path / "ckpt", tmp_path / "out"
@@ -122,17 +102,10 @@ def test_export_memory_stays_far_below_the_model(tmp_path):
     config.architectures = ["LlamaForCausalLM"]
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(src)
     save_tokenizer(str(src))
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    r = subprocess.run([sys.executable, "-m", "megatron_ext.convert", "import", "--hf", str(src),
-                        "--out", str(ckpt)], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    measured_convert("import", "--hf", str(src), "--out", str(ckpt))
     model_bytes = sum(t.numel() * t.element_size() for t in _tensors(src).values())
-    shard = 5 * 2 ** 30  # the default: one shard holds the whole model
-    r = subprocess.run([sys.executable, "-c", _MEASURE, str(ckpt), str(out), str(shard)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    growth = json.loads(r.stdout.strip().splitlines()[-1])["growth"]
+    # the default shard size (5 GiB): one shard holds the whole model
+    _, growth = measured_convert("export", "--checkpoint", str(ckpt), "--out", str(out))
     assert model_bytes > 90 * 2 ** 20
     # about the largest tensor (a layer's fc1, 6 MiB) and its HF parts, far from the model
     assert growth < model_bytes / 4, (growth, model_bytes)
