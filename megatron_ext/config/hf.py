@@ -127,9 +127,13 @@ def start_checkpoint(cfg) -> Optional[str]:
 
 def hf_origin(path: str) -> Optional[Dict]:
     """The origin the checkpoint `path` records (convert/origin.py) when its model came from a
-    Hugging Face folder (imported, or trained from model=hf), else None."""
-    with open(os.path.join(path, TRAIN_STATE)) as f:
-        origin = json.load(f).get("origin") or {}
+    Hugging Face folder (imported, or trained from model=hf), else None (also for a damaged
+    train state, which the checkpoint's integrity check names when the run loads it)."""
+    try:
+        with open(os.path.join(path, TRAIN_STATE)) as f:
+            origin = json.load(f).get("origin") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
     return origin if origin.get("architecture") and origin.get("hf_config") else None
 
 
