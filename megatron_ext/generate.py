@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 
 from megatron_ext import compat
 from megatron_ext.config.fields import ConfigError
+from megatron_ext.config.hf import recorded_tokenizer
 from megatron_ext.config.load import checked_config
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import validate
@@ -44,24 +45,9 @@ def with_checkpoint_model(cfg: Config) -> Config:
     model = dataclasses.replace(cfg.model, **checkpoint_model_fields(state), hf_path=None)
     data = cfg.data
     if data.tokenizer == "byte":
-        data = dataclasses.replace(data, tokenizer=recorded_tokenizer(state["origin"]))
+        data = dataclasses.replace(data, tokenizer=recorded_tokenizer(
+            state["origin"], f"generate.checkpoint={path!r}"))
     return dataclasses.replace(cfg, model=model, data=data)
-
-
-def recorded_tokenizer(origin: Dict) -> str:
-    """The tokenizer the checkpoint was trained with: its path, or when that is gone the
-    files the checkpoint keeps, written to a temporary folder."""
-    path = origin["tokenizer"]
-    if path == "byte" or os.path.exists(path) or not origin.get("tokenizer_files"):
-        return path
-    import base64
-    import tempfile
-    folder = tempfile.mkdtemp(prefix="tokenizer_")
-    for name, data in origin["tokenizer_files"].items():
-        with open(os.path.join(folder, name), "wb") as f:
-            f.write(base64.b64decode(data))
-    # a lone tokenizer.json was a data.tokenizer=FILE.json
-    return folder if len(origin["tokenizer_files"]) > 1 else os.path.join(folder, "tokenizer.json")
 
 
 def read_prompts(path: Optional[str]) -> List[Dict]:
