@@ -133,7 +133,7 @@ def run(cfg: Config, topo, log) -> List[Dict]:
     g = cfg.generate
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     vocab = model_vocab_size(cfg, tokenizer)
-    chunks = build_gpt_chunks(cfg, topo, vocab)
+    chunks = build_gpt_chunks(cfg, topo, vocab, init=False)  # the weights are loaded below
     if g.checkpoint:
         from megatron_ext.training.checkpoint import CheckpointManager, ModelPart, model_shape
         CheckpointManager(os.path.join(g.checkpoint, ".unused"), topo, keep=1,
