@@ -124,12 +124,15 @@ def logprobs_at_t1(chunks, tokens, vocab: int, tp_group, pp_group):
     return out
 
 
-def dp_share(count: int, dp: int, dp_rank: int) -> range:
-    """The indices of the prompts DP rank `dp_rank` of `dp` answers: a contiguous share, the
-    first `count % dp` ranks one more than the others."""
-    base, extra = divmod(count, dp)
+def dp_share(count: int, batch_size: int, dp: int, dp_rank: int) -> range:
+    """The indices of the prompts DP rank `dp_rank` of `dp` answers: a contiguous run of whole
+    batches (the first ranks one batch more), so each batch is the one a single process runs,
+    with the same padding and so the same numbers."""
+    batches = -(-count // batch_size)
+    base, extra = divmod(batches, dp)
     first = dp_rank * base + min(dp_rank, extra)
-    return range(first, first + base + (dp_rank < extra))
+    last = first + base + (dp_rank < extra)
+    return range(min(first * batch_size, count), min(last * batch_size, count))
 
 
 def _replica_lead(topo) -> bool:
@@ -173,7 +176,7 @@ def run(cfg: Config, topo, log) -> Optional[List[Dict]]:
         load_hf_weights(chunks, cfg.model.hf_path, topo, vocab)
     records = read_prompts(g.prompts)
     dp = topo.dims.dp
-    share = dp_share(len(records), dp, topo.dp_rank)
+    share = dp_share(len(records), g.batch_size, dp, topo.dp_rank)
     mine = records[share.start:share.stop]
     where = (f" on DP rank {topo.dp_rank} of {dp} (records {share.start + 1}-{share.stop} of "
              f"{len(records)})" if dp > 1 else "")

@@ -1,6 +1,8 @@
 """`launch local --entry generate` under DP > 1: each DP replica answers its own contiguous
-share of the prompts (its progress line says which), and global rank 0 writes generate.out
-once, in the input order, equal to what one process writes (greedy, a tiny random Qwen3 folder)."""
+half of the prompts (its progress line says which), and global rank 0 writes generate.out once,
+in the input order: byte for byte the file one process writes at DP2 (each replica runs the
+very batches one process runs), the same tokens and log-probs to 1e-5 at TP2 x DP2 (greedy, a
+tiny random Qwen3 folder)."""
 import json
 import os
 import re
@@ -14,8 +16,9 @@ from tests.hf_tiny import make_hf_model
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPTS = [{"prompt": "what is 12 + 30?"}, {"prompt": "the answer is"},
            {"messages": [{"role": "user", "content": "hello world, how are you?"}]},
-           {"prompt": "one two three"}, {"prompt": "abc"}]
-PROGRESS = re.compile(r"generate (\d+)/(\d+) prompts on DP rank (\d) of 2 \(records (\d)-(\d) of 5\)")
+           {"prompt": "one two three"}, {"prompt": "abc"}, {"prompt": "2 + 2 ="},
+           {"messages": [{"role": "user", "content": "name a colour"}]}, {"prompt": "zz"}]
+PROGRESS = re.compile(r"generate (\d+)/(\d+) prompts on DP rank (\d) of 2 \(records (\d)-(\d) of 8\)")
 
 
 def _generate(root, name, nproc, *layout):
@@ -41,7 +44,7 @@ def root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_process(root):
     out, stdout = _generate(root, "dp1", 1)
-    assert "generate 5/5 prompts |" in stdout
+    assert "generate 8/8 prompts |" in stdout
     return out
 
 
@@ -57,9 +60,11 @@ def test_dp_replicas_split_the_prompts_and_rank0_writes_them_in_order(root, one_
     for m in PROGRESS.finditer(stdout):
         done, share, dp_rank, first, last = map(int, m.groups())
         final[dp_rank] = (done, share, first, last)
-    # contiguous shares, 3 + 2 prompts, each generated once and in full
-    assert final == {0: (3, 3, 1, 3), 1: (2, 2, 4, 5)}, stdout
-    assert stdout.count(f"wrote 5 records to {out}") == 1
+    # contiguous halves (2 batches of 2 each), each generated once and in full
+    assert final == {0: (4, 4, 1, 4), 1: (4, 4, 5, 8)}, stdout
+    assert stdout.count(f"wrote 8 records to {out}") == 1
+    if not layout:
+        assert out.read_bytes() == one_process.read_bytes()
     got, ref = _records(out), _records(one_process)
     assert [r["prompt"] for r in got] == [p.get("prompt", p.get("messages")) for p in PROMPTS]
     for a, b in zip(got, ref):
