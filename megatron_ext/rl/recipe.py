@@ -68,8 +68,7 @@ class RLRecipe:
         self.critic = self.reference = None
         if self.algorithm.uses_critic:
             self.critic = trained_unit("critic", critic_config(cfg), topo,
-                                       build_critic(cfg, topo, self.vocab_size,
-                                                    init=False))
+                                       build_critic(cfg, topo, self.vocab_size, init=False))
             self.units["critic"] = self.critic
         if rl.kl_coef > 0:  # the frozen reference policy: only when the KL is on
             chunks = build_gpt_chunks(cfg, topo, self.vocab_size, init=False)
