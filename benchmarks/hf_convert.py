@@ -112,7 +112,7 @@ def _load_ranks(rank: int, world_size: int, hf_dir: str, out: str) -> None:
     topo = topology.initialize(validate(cfg, world_size), seed=cfg.seed)
     start = _rss()
     with PeakRSS() as build:
-        chunks = build_gpt_chunks(cfg, topo, cfg.model.vocab_size)
+        chunks = build_gpt_chunks(cfg, topo, cfg.model.vocab_size, init=False)
     built = _rss()
     with PeakRSS() as load:
         began = time.perf_counter()

@@ -49,7 +49,7 @@ def _single_process_model(model_fields: Dict, overrides=()):
     compat.setup()
     topo = topology.initialize(dims, seed=cfg.seed)
     from megatron_ext.models.gpt import build_gpt_chunks
-    return cfg, topo, build_gpt_chunks(cfg, topo, cfg.model.vocab_size)
+    return cfg, topo, build_gpt_chunks(cfg, topo, cfg.model.vocab_size, init=False)
 
 
 def hf_parts(rule, tensor: torch.Tensor, groups: int, head_dim: int, vocab_size: int

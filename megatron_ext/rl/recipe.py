@@ -60,17 +60,20 @@ class RLRecipe:
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         self.vocab_size = model_vocab_size(cfg, self.tokenizer)
         self.algorithm = get_algorithm(rl.algorithm)
-        self.policy = trained_unit("model", cfg, topo, build_model(cfg, topo, self.vocab_size))
+        # every unit's weights are loaded in start() (init checkpoint or HF) or on resume
+        self.policy = trained_unit("model", cfg, topo,
+                                   build_model(cfg, topo, self.vocab_size, init=False))
         self.units: Dict[str, ModelUnit] = {"model": self.policy}
         self.shape = model_shape(cfg.model, self.vocab_size, self.policy.chunks)
         self.critic = self.reference = None
         if self.algorithm.uses_critic:
             self.critic = trained_unit("critic", critic_config(cfg), topo,
-                                       build_critic(cfg, topo, self.vocab_size))
+                                       build_critic(cfg, topo, self.vocab_size, init=False))
             self.units["critic"] = self.critic
         if rl.kl_coef > 0:  # the frozen reference policy: only when the KL is on
-            self.reference = ModelUnit("reference", build_gpt_chunks(cfg, topo, self.vocab_size),
-                                       topo, micro_batch_size=cfg.train.micro_batch_size,
+            chunks = build_gpt_chunks(cfg, topo, self.vocab_size, init=False)
+            self.reference = ModelUnit("reference", chunks, topo,
+                                       micro_batch_size=cfg.train.micro_batch_size,
                                        seq_length=cfg.train.seq_len).freeze()
         train, heldout = rl_problems(cfg, self.tokenizer)
         self.pool = PromptPool(train, self.tokenizer)
