@@ -164,6 +164,9 @@ def test_learned_positions_match_training_forward(world):
                           vocab_size=384, real_vocab_size=259, max_sequence_length=MAX_LEN,
                           position_embedding_type="learned_absolute").eval()
     assert model.embedding.add_position_embedding and not hasattr(model, "rotary_pos_emb")
+    with torch.no_grad():  # transformer_config turns megatron's init off: draw the weights here
+        for param in model.parameters():
+            param.normal_(0.0, 0.2)
     run_decoder([model], 259, "learned_absolute")
 
 
