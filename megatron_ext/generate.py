@@ -1,7 +1,7 @@
 """`python -m megatron_ext.generate <overrides>`: responses of a checkpoint (generate.checkpoint=
 PATH) or of a Hugging Face model (model=hf model.hf_path=DIR) to the prompts of a JSONL file,
 through the generation engine of RL rollouts and eval (models/generate.py), in batches of
-generate.batch_size. Under TP/PP start it like training: `python -m launch local --nproc N
+generate.batch_size, at most generate.max_batch sequences at once. Under TP/PP start it like training: `python -m launch local --nproc N
 --entry generate -- <overrides>`; every rank runs every batch and global rank 0 writes
 generate.out, one record per prompt: prompt, response, token_ids (generated, EOS included),
 logprobs (per generated token, at temperature 1 over the real vocab, whatever the sampling
@@ -128,7 +128,8 @@ def run(cfg: Config, topo, log) -> List[Dict]:
     import torch
 
     from megatron_ext.data.tokenizer import build_tokenizer
-    from megatron_ext.models.generate import SamplingParams, generate
+    from megatron_ext.models.generate import SamplingParams
+    from megatron_ext.models.slots import generate_in_slots
     from megatron_ext.models.gpt import build_gpt_chunks, model_vocab_size
     g = cfg.generate
     tokenizer = build_tokenizer(cfg.data.tokenizer)
@@ -153,8 +154,8 @@ def run(cfg: Config, topo, log) -> List[Dict]:
     for first in range(0, len(records), g.batch_size):
         batch = records[first:first + g.batch_size]
         ids = [prompt_ids(r, tokenizer, g.chat_template) for r in batch]
-        roll = generate(chunks, ids, tokenizer, params, vocab_size=vocab, generator=generator,
-                        tp_group=tp, pp_group=pp)
+        roll = generate_in_slots(chunks, ids, tokenizer, params, num_slots=g.max_batch,
+                                 vocab_size=vocab, generator=generator, tp_group=tp, pp_group=pp)
         logprobs = (roll.logprobs if g.temperature in (0, 1) else
                     logprobs_at_t1(chunks, roll.tokens, vocab, tp, pp))
         for i, record in enumerate(batch):

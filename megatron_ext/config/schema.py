@@ -192,6 +192,9 @@ class GenerateConfig:
     # auto: "messages" through the chat template, plain prompts as they are; true: both; false: none
     chat_template: str = one_of("auto", "true", "false", "True", "False")
     batch_size: int = bounded(8, at_least=1, what="prompts per generation batch")
+    # sequence slots the engine holds at once (bounds its KV cache); a batch of more prompts
+    # goes through the slots in turn
+    max_batch: int = bounded(64, at_least=1, what="sequence slots of the generation engine")
 
 
 @dataclass

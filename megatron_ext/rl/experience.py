@@ -12,7 +12,8 @@ import torch
 
 from megatron_ext.rl.filtering import FillResult, PassRateHistory, fill_batch
 from megatron_ext.rl.rewards import CombinedReward, is_correct
-from megatron_ext.models.generate import SamplingParams, generate
+from megatron_ext.models.generate import SamplingParams
+from megatron_ext.models.slots import generate_in_slots
 
 
 @dataclasses.dataclass
@@ -49,13 +50,15 @@ class PromptPool:
 
 def sample_groups(model, pool: PromptPool, indices: Sequence[int], *, group_size: int,
                   params: SamplingParams, reward: CombinedReward, tokenizer, vocab_size: int,
-                  generator: torch.Generator, tp_group, pp_group) -> List[Tuple[Group, float]]:
+                  generator: torch.Generator, tp_group, pp_group,
+                  num_slots: int) -> List[Tuple[Group, float]]:
     """One rollout batch: `group_size` samples for each prompt index, with its pass rate (the
-    share of samples the verifier accepts)."""
+    share of samples the verifier accepts); at most `num_slots` sequences generate at once."""
     prompts = [pool.prompts[i] for i in indices for _ in range(group_size)]
     problems = [pool.problems[i] for i in indices for _ in range(group_size)]
-    out = generate(model, prompts, tokenizer, params, vocab_size=vocab_size,
-                   generator=generator, tp_group=tp_group, pp_group=pp_group)
+    out = generate_in_slots(model, prompts, tokenizer, params, num_slots=num_slots,
+                            vocab_size=vocab_size, generator=generator, tp_group=tp_group,
+                            pp_group=pp_group)
     total, _ = reward.score(out.texts, problems)
     correct = torch.tensor([is_correct(t, p) for t, p in zip(out.texts, problems)])
     groups = []
@@ -86,7 +89,8 @@ def collect(model, pool: PromptPool, history: PassRateHistory, *, rl, params: Sa
     def sample(indices: List[int]):
         groups = sample_groups(model, pool, indices, group_size=rl.group_size, params=params,
                                reward=reward, tokenizer=tokenizer, vocab_size=vocab_size,
-                               generator=generator, tp_group=tp_group, pp_group=pp_group)
+                               generator=generator, tp_group=tp_group, pp_group=pp_group,
+                               num_slots=rl.rollout_batch)
         sampled.extend(g for g, _ in groups)
         return groups
 

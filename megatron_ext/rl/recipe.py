@@ -27,6 +27,7 @@ from megatron_ext.data.tokenizer import build_tokenizer
 from megatron_ext.models.critic import HEAD, build_critic, critic_config
 from megatron_ext.models.generate import SamplingParams
 from megatron_ext.models.gpt import build_gpt_chunks, build_model, model_vocab_size
+from megatron_ext.models.offload import offload_reference
 from megatron_ext.rl.algorithms import explained_variance, get_algorithm
 from megatron_ext.rl.buffer import TrajectoryBuffer
 from megatron_ext.rl.evaluation import heldout_accuracy
@@ -110,6 +111,14 @@ class RLRecipe:
         self.buffer.iteration = state["buffer_iteration"]
 
     def start(self, resumed: bool, checkpoints) -> None:
+        """The starting weights; then, with rl.offload_reference, the reference's go to the
+        host (once loaded: they never change)."""
+        self._load_start(resumed, checkpoints)
+        if self.reference is not None and self.rl.offload_reference:
+            self.reference_host = offload_reference(self.reference.chunks,
+                                                    self.reference.device, self.log)
+
+    def _load_start(self, resumed: bool, checkpoints) -> None:
         """A fresh run takes the SFT weights of rl.init_checkpoint (the critic its trunk, with
         a fresh value head); the reference always does."""
         init = self.rl.init_checkpoint
@@ -316,7 +325,7 @@ class RLRecipe:
             self.policy.chunks, self.heldout, max_new_tokens=self.rl.max_new_tokens,
             stop=self.rl.stop, tokenizer=self.tokenizer, vocab_size=self.vocab_size,
             dp_rank=topo.dp_rank, dp_size=topo.dims.dp, tp_group=topo.tp_group,
-            pp_group=topo.pp_group)
+            pp_group=topo.pp_group, num_slots=self.rl.rollout_batch)
         solved, count = collectives.reduce_floats([solved, count], contribute=self.policy.reports)
         rec = {"step": step, "split": "eval", "accuracy": solved / max(count, 1.0),
                "samples": int(count)}
