@@ -310,6 +310,7 @@ def main() -> None:
         assert all(r["groups_kept"] == P and r["updates"] == 1 for r in steps), steps
         return {"label": "ours (megatron-core GRPO, TP=1)",
                 "times": [r["step_time_s"] for r in steps],
+                "rollout": [r["rollout_time_s"] for r in steps],
                 "completion": [r["response_len"] for r in steps],
                 "truncated": [r["truncated_frac"] for r in steps]}
 
@@ -349,8 +350,8 @@ def main() -> None:
             medians[side] = statistics.median(got["times"])
             agg = results.setdefault(side, {"label": got["label"], "times": [],
                                             "completion": [], "truncated": []})
-            for key in ("times", "completion", "truncated"):
-                agg[key] += got[key]
+            for key in got.keys() - {"label"}:
+                agg[key] = agg.get(key, []) + got[key]
         rounds.append(medians)
         print(f"round {k}: median s/step " + ", ".join(f"{s} {v:.2f}" for s, v in medians.items())
               + (f", ratio ours/TRL {medians['trl'] / medians['ours']:.2f}x"
@@ -377,6 +378,12 @@ def main() -> None:
         print(f"| {r['label']} | {r['n']} | {P} x {G} | {r['completion']:.1f} "
               f"| {r['truncated']:.0%} | {r['s_median']:.2f} ({r['s_mean']:.2f}, {r['s_min']:.2f}) "
               f"| {r['tok_s']:,.0f} | {ratio} |")
+    if "rollout" in results.get("ours", {}):
+        r = results["ours"]
+        gen = statistics.median(r["rollout"])
+        print(f"\nours, median per step: rollout (generation, scoring) {gen:.3f} s, the rest "
+              f"(advantages, update) {r['s_median'] - gen:.3f} s "
+              f"({gen / r['s_median']:.0%} rollout)")
     if len(rounds) > 1 and all(len(r) == 2 for r in rounds):
         print("\nratio ours/TRL of the median step times, round by round: "
               + ", ".join(f"{r['trl'] / r['ours']:.2f}x" for r in rounds))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 import zlib
 from typing import Callable, Dict, List, Optional
 
@@ -153,7 +154,9 @@ class RLRecipe:
     def train_step(self, step: int, inspect_grads=None) -> Dict:
         """collect -> prepare -> update. `inspect_grads(which)` runs after each backward
         ("policy", "critic") while the reduced gradients sit in the DDP buffers."""
+        started = time.perf_counter()
         result, sampled = self.collect(step)
+        rollout_s = time.perf_counter() - started  # the rest of step_time_s: scoring, update
         rows, prepared = self.prepare(result.groups)
         self.policy.scheduler.step(increment=1)
         lr = self.policy.lr
@@ -165,6 +168,7 @@ class RLRecipe:
             self.log(f"step {step}: {result.message}")
         return {"loss": upd.pop("loss"), "lr": lr, "grad_norm": upd.pop("grad_norm"),
                 "applied": upd["skipped_updates"] == 0, "tokens": s["response_len_sum"],
+                "rollout_time_s": rollout_s,
                 **self._rollout_metrics(s), **upd}
 
     def _seed(self, what: str, step: int) -> int:
