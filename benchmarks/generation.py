@@ -114,6 +114,7 @@ def run_hf(model, prompts: torch.Tensor, length: int) -> float:
 
 
 def engine_vs_hf(args, hf_dir: str):
+    print("our engine vs transformers generate (same weights):", flush=True)
     hf = make_hf_folder(hf_dir)
     chunks, topo, vocab = build_ours(hf_dir, 1, 1)
     rows = []
@@ -167,6 +168,8 @@ def pp_vs_pp1(args, hf_dir: str):
         run_distributed(_pp_worker, world, hf_dir, args.pp_batches, args.pp_length,
                         args.repeats, path, timeout_s=1200)
         got[world] = torch.load(path)
+        print(f"  PP={world}: " + ", ".join(f"batch {b} {v:,.0f} tok/s" for b, v in got[world].items()),
+              flush=True)
     return [(b, got[1][b], got[2][b]) for b in args.pp_batches]
 
 
@@ -178,7 +181,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--pp-batches", type=int, nargs="+", default=[16, 128])
     p.add_argument("--pp-length", type=int, default=128)
-    p.add_argument("--skip-pp", action="store_true")
+    p.add_argument("--only", choices=("hf", "pp"), help="one comparison only")
     args = p.parse_args()
     sys.path.insert(0, ROOT)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -186,17 +189,19 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_generation_") as tmp:
         hf_dir = os.path.join(tmp, "hf")
-        print("our engine vs transformers generate (same weights):", flush=True)
-        rows = engine_vs_hf(args, hf_dir)
-        pp_rows = [] if args.skip_pp else pp_vs_pp1(args, hf_dir)
+        rows = engine_vs_hf(args, hf_dir) if args.only != "pp" else []
+        if args.only == "pp":
+            make_hf_folder(hf_dir)
+        pp_rows = pp_vs_pp1(args, hf_dir) if args.only != "hf" else []
     import transformers
     print(f"\nGeneration tokens/s (generated tokens / wall time of the call), prompts of "
           f"{PROMPT_LEN} tokens, temperature 1, EOS ignored; torch {torch.__version__}, "
           f"transformers {transformers.__version__}; load average before "
           f"{load_before[0]:.1f}, after {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
           f"{time.perf_counter() - started:.0f} s\n")
-    print("| threads | batch | new tokens | ours tok/s | transformers tok/s | ours / transformers |")
-    print("|---|---|---|---|---|---|")
+    if rows:
+        print("| threads | batch | new tokens | ours tok/s | transformers tok/s | ours / transformers |")
+        print("|---|---|---|---|---|---|")
     for threads, batch, length, ours, theirs in rows:
         print(f"| {threads} | {batch} | {length} | {ours:,.0f} | {theirs:,.0f} | "
               f"{ours / theirs:.2f}x |")
