@@ -6,7 +6,7 @@ groups, because `generate` hands every rank the same tokens; DP ranks draw diffe
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
@@ -59,8 +59,8 @@ def sample_groups(model, pool: PromptPool, indices: Sequence[int], *, group_size
     out = generate_in_slots(model, prompts, tokenizer, params, num_slots=num_slots,
                             vocab_size=vocab_size, generator=generator, tp_group=tp_group,
                             pp_group=pp_group)
-    total, _ = reward.score(out.texts, problems)
-    correct = torch.tensor([is_correct(t, p) for t, p in zip(out.texts, problems)])
+    total, parts = reward.score(out.texts, problems)
+    correct = verdicts(parts, out.texts, problems)
     groups = []
     for g, index in enumerate(indices):
         rows = slice(g * group_size, (g + 1) * group_size)
@@ -69,6 +69,19 @@ def sample_groups(model, pool: PromptPool, indices: Sequence[int], *, group_size
                       sum(r == "length" for r in out.finish_reasons[rows]))
         groups.append((group, float(group.correct.mean())))
     return groups
+
+
+def verdicts(parts: Dict[str, torch.Tensor], texts: Sequence[str], problems: Sequence
+             ) -> torch.Tensor:
+    """The verifier's verdicts (rewards.is_correct) `[n]` fp32: the reward's own term when it
+    is the verifier (task_correct on task problems, math on JSONL records: math-verify is slow
+    enough not to run twice), else judged here."""
+    kinds = {isinstance(p, Mapping) for p in problems}
+    name = "math" if kinds == {True} else "task_correct" if kinds == {False} else None
+    if name in parts:
+        return parts[name]
+    return torch.tensor([is_correct(t, p) for t, p in zip(texts, problems)],
+                        dtype=torch.float32)
 
 
 def collect(model, pool: PromptPool, history: PassRateHistory, *, rl, params: SamplingParams,
