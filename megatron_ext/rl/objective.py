@@ -58,10 +58,10 @@ def policy_objective(s: PolicySettings, tp_group, batch: Dict[str, torch.Tensor]
     per-token-loss mode; `logprob_diff_max` compares these log-probs with the rollout's."""
     mask = batch["mask"]
     valid = mask > 0
-    grad = torch.is_grad_enabled()  # the entropy is a statistic unless there is a bonus
-    logp, entropy = logprobs_and_entropy(logits, batch["targets"], tp_group=tp_group,
-                                         vocab_size=s.vocab_size, temperature=s.temperature,
-                                         entropy_grad=s.entropy_coef > 0 and grad)
+    # one softmax for both; the entropy is a statistic (no gradient) unless there is a bonus
+    logp, entropy = logprobs_and_entropy(
+        logits, batch["targets"], tp_group=tp_group, vocab_size=s.vocab_size,
+        temperature=s.temperature, entropy_grad=s.entropy_coef > 0 and torch.is_grad_enabled())
     pg, m = policy_loss(logp, batch["old_logp"], batch["advantages"], mask, eps_low=s.eps_low,
                         eps_high=s.eps_high, dual_clip=s.dual_clip, agg=s.agg, denominator=1.0)
     loss = pg
