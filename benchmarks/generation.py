@@ -87,9 +87,7 @@ def prompts_for(batch: int, seed: int = 0):
 def run_ours(chunks, prompts: torch.Tensor, length: int, vocab: int, pp_group=None) -> float:
     """Seconds for one generate() call; asserts that every row ran to `length`."""
     from megatron_ext.models.generate import SamplingParams, generate
-    from megatron_ext.models.slots import takes_num_slots
     from benchmarks.rl_throughput import PAD
-    extra = {"num_slots": prompts.size(0)} if takes_num_slots() else {}
     params = SamplingParams(max_new_tokens=length, temperature=1.0)
     generator = torch.Generator(device=prompts.device).manual_seed(1)
     start = time.perf_counter()

@@ -1,15 +1,17 @@
 """HF import and export of a `1b`-shaped random Llama (hidden 2048, FFN 8192, 32 heads / 8 KV
-groups, vocab 128256, tied) on CPU, fp32: wall time of `convert import` and `convert export`
-(one process each), and the peak RSS of each rank of a TP2 x PP2 load straight from the HF
-folder (convert/hf_load.py) against that rank's shard size.
+groups, vocab 128256, tied) on CPU, fp32: wall time and peak RSS of `convert import` and
+`convert export` (one process each; export streams the checkpoint, so its peak should be about
+the largest tensor, far below the model), and the peak RSS of each rank of a TP2 x PP2 load
+straight from the HF folder (convert/hf_load.py) against that rank's shard size.
 
   python -m benchmarks.hf_convert                        # the 1b shape, 16 layers
   python -m benchmarks.hf_convert --layers 4 --hidden 1024 --ffn 4096 --vocab 32000
 
 Goal: a rank's RSS growth over its start, at its peak during the weight load, <= its shard + the
 largest single HF tensor + 20%; a loader that reads whole files or whole tensors per rank
-holds far more. The random weights are written tensor by tensor with safetensors (no
-transformers model is built), so the benchmark itself never holds the whole model."""
+holds far more. The same goal for export, whose "shard" is the one tensor it holds. The random
+weights are written tensor by tensor with safetensors (no transformers model is built), so the
+benchmark itself never holds the whole model."""
 from __future__ import annotations
 
 import argparse
@@ -56,8 +58,9 @@ class PeakRSS:
         self.peak = max(self.peak, _rss())
 
 
-def write_random_llama(path: str, a) -> int:
-    """A random LlamaForCausalLM folder of the given shape; returns its largest tensor's bytes."""
+def write_random_llama(path: str, a):
+    """A random LlamaForCausalLM folder of the given shape; returns (its largest tensor's
+    bytes, all its bytes)."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
@@ -78,7 +81,8 @@ def write_random_llama(path: str, a) -> int:
               "gate_proj": [a.ffn, a.hidden], "up_proj": [a.ffn, a.hidden],
               "down_proj": [a.hidden, a.ffn]}
     names = list(hf_names("LlamaForCausalLM", True, a.layers))
-    weight_map, largest, generator = {}, 0, torch.Generator().manual_seed(0)
+    weight_map, largest, total = {}, 0, 0
+    generator = torch.Generator().manual_seed(0)
     for i, name in enumerate(names):
         kind = next(k for k in shapes if f"{k}." in name or name.endswith(f"{k}.weight"))
         tensor = torch.randn(shapes[kind], generator=generator) * 0.02
@@ -86,9 +90,10 @@ def write_random_llama(path: str, a) -> int:
         save_file({name: tensor}, os.path.join(path, file), metadata={"format": "pt"})
         weight_map[name] = file
         largest = max(largest, tensor.numel() * 4)
+        total += tensor.numel() * 4
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
-    return largest
+    return largest, total
 
 
 def _load_ranks(rank: int, world_size: int, hf_dir: str, out: str) -> None:
@@ -107,7 +112,7 @@ def _load_ranks(rank: int, world_size: int, hf_dir: str, out: str) -> None:
     topo = topology.initialize(validate(cfg, world_size), seed=cfg.seed)
     start = _rss()
     with PeakRSS() as build:
-        chunks = build_gpt_chunks(cfg, topo, cfg.model.vocab_size)
+        chunks = build_gpt_chunks(cfg, topo, cfg.model.vocab_size, init=False)
     built = _rss()
     with PeakRSS() as load:
         began = time.perf_counter()
@@ -121,13 +126,35 @@ def _load_ranks(rank: int, world_size: int, hf_dir: str, out: str) -> None:
     ps.destroy_model_parallel()
 
 
-def _timed(*args) -> float:
-    began = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "megatron_ext.convert", *args], cwd=ROOT,
+# One `python -m megatron_ext.convert` command: its wall time and RSS peak over its start, both
+# once the modules are imported (VmHWM reset through /proc/self/clear_refs).
+_CONVERT = """
+import json, sys, time
+from megatron_ext.convert.__main__ import main
+import megatron_ext.convert.export, megatron_ext.models.gpt, safetensors.torch  # noqa
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before, began = status("VmRSS:"), time.perf_counter()
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "s": time.perf_counter() - began,
+                  "growth": status("VmHWM:") - before}))
+"""
+
+
+def measured_convert(*args):
+    """(seconds, peak RSS growth in bytes) of one convert command."""
+    r = subprocess.run([sys.executable, "-c", _CONVERT, *args], cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True)
-    if r.returncode:
+    result = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {"code": 1}
+    if result["code"]:
         raise SystemExit(r.stderr[-3000:])
-    return time.perf_counter() - began
+    return result["s"], result["growth"]
 
 
 def main() -> None:
@@ -142,16 +169,22 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="hf_convert_")
     try:
         hf = os.path.join(tmp, "hf")
-        largest = write_random_llama(hf, a)
+        largest, total = write_random_llama(hf, a)
         run_distributed(_load_ranks, 4, hf, tmp, timeout_s=3600)
-        import_s = _timed("import", "--hf", hf, "--out", os.path.join(tmp, "ckpt"))
-        export_s = _timed("export", "--checkpoint", os.path.join(tmp, "ckpt"), "--out",
-                          os.path.join(tmp, "out"))
+        import_s, import_peak = measured_convert("import", "--hf", hf, "--out", os.path.join(tmp, "ckpt"))
+        export_s, export_peak = measured_convert("export", "--checkpoint", os.path.join(tmp, "ckpt"),
+                                         "--out", os.path.join(tmp, "out"))
         mib = 2 ** 20
         print(f"shape: {a.layers} layers, hidden {a.hidden}, ffn {a.ffn}, heads {a.heads}/"
-              f"{a.groups}, vocab {a.vocab}, tied, fp32; largest tensor {largest / mib:.0f} MiB")
-        print(f"convert import (1 process): {import_s:.1f} s | convert export (1 process): "
-              f"{export_s:.1f} s")
+              f"{a.groups}, vocab {a.vocab}, tied, fp32; model {total / mib:.0f} MiB, largest "
+              f"tensor {largest / mib:.0f} MiB")
+        print("| command (1 process) | wall s | peak RSS growth MiB | vs model |")
+        print("|---|---|---|---|")
+        for name, seconds, peak in (("convert import", import_s, import_peak),
+                                    ("convert export", export_s, export_peak)):
+            print(f"| {name} | {seconds:.1f} | {peak / mib:.0f} | {peak / total:.2f} |")
+        print(f"export goal (largest tensor + 20%): {largest * 1.2 / mib:.0f} MiB, "
+              f"{'met' if export_peak <= largest * 1.2 else 'not met'}")
         print("| rank | shard MiB | RSS after build | build peak | peak in load | load's own extra "
               "| goal (shard + largest + 20%) | load met | load s |")
         print("|---|---|---|---|---|---|---|---|---|")

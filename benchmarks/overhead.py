@@ -148,7 +148,8 @@ def main():
                  f"model.ffn_hidden_size={args.ffn}", f"train.seq_len={args.seq}",
                  f"train.micro_batch_size={args.mbs}", f"train.global_batch_size={args.gbs}",
                  f"train.steps={args.steps}", f"run.dir={args.run_dir}", "data.num_samples=4000",
-                 f"model.attention_backend={args.attention}"]
+                 f"model.attention_backend={args.attention}",
+                 "data.isolate_documents=false"]  # as plain PyTorch's loop: causal attention
     ours, plain, vocab, attention = tokens_per_s(args, overrides)
     print(f"model: {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.groups} "
           f"KV, ffn {args.ffn}, vocab {vocab}; seq {args.seq}, global batch {args.gbs}; "

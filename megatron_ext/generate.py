@@ -1,9 +1,10 @@
 """`python -m megatron_ext.generate <overrides>`: responses of a checkpoint (generate.checkpoint=
 PATH) or of a Hugging Face model (model=hf model.hf_path=DIR) to the prompts of a JSONL file,
 through the generation engine of RL rollouts and eval (models/generate.py), in batches of
-generate.batch_size, at most generate.max_batch sequences at once. Under TP/PP start it like training: `python -m launch local --nproc N
---entry generate -- <overrides>`; every rank runs every batch and global rank 0 writes
-generate.out, one record per prompt: prompt, response, token_ids (generated, EOS included),
+generate.max_batch prompts (the engine's sequence slots). Under TP/PP/DP start it like training: `python -m launch local --nproc N
+--entry generate -- <overrides>`; each DP replica answers its contiguous share of the prompts
+(its TP/PP ranks together), and global rank 0 gathers them and writes generate.out in the
+input order, one record per prompt: prompt, response, token_ids (generated, EOS included),
 logprobs (per generated token, at temperature 1 over the real vocab, whatever the sampling
 temperature) and finish_reason (eos | length)."""
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 from megatron_ext import compat
 from megatron_ext.config.fields import ConfigError
+from megatron_ext.config.hf import recorded_tokenizer
 from megatron_ext.config.load import checked_config
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import validate
@@ -44,24 +46,9 @@ def with_checkpoint_model(cfg: Config) -> Config:
     model = dataclasses.replace(cfg.model, **checkpoint_model_fields(state), hf_path=None)
     data = cfg.data
     if data.tokenizer == "byte":
-        data = dataclasses.replace(data, tokenizer=recorded_tokenizer(state["origin"]))
+        data = dataclasses.replace(data, tokenizer=recorded_tokenizer(
+            state["origin"], f"generate.checkpoint={path!r}"))
     return dataclasses.replace(cfg, model=model, data=data)
-
-
-def recorded_tokenizer(origin: Dict) -> str:
-    """The tokenizer the checkpoint was trained with: its path, or when that is gone the
-    files the checkpoint keeps, written to a temporary folder."""
-    path = origin["tokenizer"]
-    if path == "byte" or os.path.exists(path) or not origin.get("tokenizer_files"):
-        return path
-    import base64
-    import tempfile
-    folder = tempfile.mkdtemp(prefix="tokenizer_")
-    for name, data in origin["tokenizer_files"].items():
-        with open(os.path.join(folder, name), "wb") as f:
-            f.write(base64.b64decode(data))
-    # a lone tokenizer.json was a data.tokenizer=FILE.json
-    return folder if len(origin["tokenizer_files"]) > 1 else os.path.join(folder, "tokenizer.json")
 
 
 def read_prompts(path: Optional[str]) -> List[Dict]:
@@ -123,18 +110,47 @@ def logprobs_at_t1(chunks, tokens, vocab: int, tp_group, pp_group):
     return out
 
 
-def run(cfg: Config, topo, log) -> List[Dict]:
-    """The output records of every prompt (on every rank)."""
+def dp_share(count: int, batch_size: int, dp: int, dp_rank: int) -> range:
+    """The indices of the prompts DP rank `dp_rank` of `dp` answers: a contiguous run of whole
+    batches (the first ranks one batch more), so each batch is the one a single process runs,
+    with the same padding and so the same numbers."""
+    batches = -(-count // batch_size)
+    base, extra = divmod(batches, dp)
+    first = dp_rank * base + min(dp_rank, extra)
+    last = first + base + (dp_rank < extra)
+    return range(min(first * batch_size, count), min(last * batch_size, count))
+
+
+def _replica_lead(topo) -> bool:
+    return topo.tp_rank == 0 and topo.pp_rank == 0 and topo.cp_rank == 0
+
+
+def gather_records(answered: List[Dict], share: range, topo, count: int) -> Optional[List[Dict]]:
+    """Every DP replica's records on global rank 0, in the input order (None elsewhere); one
+    rank of each replica (TP, PP and CP rank 0) sends its share."""
+    from megatron_ext.training.collectives import gather_objects
+    parts = gather_objects((share.start, answered) if _replica_lead(topo) else None)
+    if parts is None:
+        return None
+    records: List[Optional[Dict]] = [None] * count
+    for first, part in filter(None, parts):
+        records[first:first + len(part)] = part
+    assert None not in records, "a DP replica's records are missing"
+    return records
+
+
+def run(cfg: Config, topo, log) -> Optional[List[Dict]]:
+    """The output records of every prompt, in the input order, on global rank 0 (None on the
+    other ranks); each DP replica generates its share (dp_share)."""
     import torch
 
     from megatron_ext.data.tokenizer import build_tokenizer
-    from megatron_ext.models.generate import SamplingParams
-    from megatron_ext.models.slots import generate_in_slots
+    from megatron_ext.models.generate import SamplingParams, generate
     from megatron_ext.models.gpt import build_gpt_chunks, model_vocab_size
     g = cfg.generate
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     vocab = model_vocab_size(cfg, tokenizer)
-    chunks = build_gpt_chunks(cfg, topo, vocab)
+    chunks = build_gpt_chunks(cfg, topo, vocab, init=False)  # the weights are loaded below
     if g.checkpoint:
         from megatron_ext.training.checkpoint import CheckpointManager, ModelPart, model_shape
         CheckpointManager(os.path.join(g.checkpoint, ".unused"), topo, keep=1,
@@ -145,17 +161,23 @@ def run(cfg: Config, topo, log) -> List[Dict]:
         from megatron_ext.convert.hf_load import load_hf_weights
         load_hf_weights(chunks, cfg.model.hf_path, topo, vocab)
     records = read_prompts(g.prompts)
+    dp = topo.dims.dp
+    share = dp_share(len(records), g.max_batch, dp, topo.dp_rank)
+    mine = records[share.start:share.stop]
+    where = (f" on DP rank {topo.dp_rank} of {dp} (records {share.start + 1}-{share.stop} of "
+             f"{len(records)})" if dp > 1 else "")
     params = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
                             top_p=g.top_p)
-    generator = torch.Generator(device=topo.device).manual_seed(cfg.seed)
+    # each DP replica its own sampling stream (DP1 keeps the seed's)
+    generator = torch.Generator(device=topo.device).manual_seed(cfg.seed + topo.dp_rank)
     tp = topo.tp_group if topo.dims.tp > 1 else None
     pp = topo.pp_group if topo.dims.pp > 1 else None
     out, started = [], time.perf_counter()
-    for first in range(0, len(records), g.batch_size):
-        batch = records[first:first + g.batch_size]
+    for first in range(0, len(mine), g.max_batch):
+        batch = mine[first:first + g.max_batch]
         ids = [prompt_ids(r, tokenizer, g.chat_template) for r in batch]
-        roll = generate_in_slots(chunks, ids, tokenizer, params, num_slots=g.max_batch,
-                                 vocab_size=vocab, generator=generator, tp_group=tp, pp_group=pp)
+        roll = generate(chunks, ids, tokenizer, params, vocab_size=vocab, generator=generator,
+                        tp_group=tp, pp_group=pp, num_slots=g.max_batch)
         logprobs = (roll.logprobs if g.temperature in (0, 1) else
                     logprobs_at_t1(chunks, roll.tokens, vocab, tp, pp))
         for i, record in enumerate(batch):
@@ -166,9 +188,10 @@ def run(cfg: Config, topo, log) -> List[Dict]:
                         "logprobs": logprobs[i, start:start + n].tolist(),
                         "finish_reason": roll.finish_reasons[i]})
         tokens = sum(len(r["token_ids"]) for r in out)
-        log(f"generate {len(out)}/{len(records)} prompts | {tokens} tokens | "
-            f"{tokens / (time.perf_counter() - started):,.1f} tok/s")
-    return out
+        if _replica_lead(topo):  # the progress of every DP replica
+            print(f"generate {len(out)}/{len(mine)} prompts{where} | {tokens} tokens | "
+                  f"{tokens / (time.perf_counter() - started):,.1f} tok/s", flush=True)
+    return gather_records(out, share, topo, len(records))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -193,7 +216,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         records = run(cfg, topo, log)
-        if topo.rank == 0:
+        if records is not None:
             os.makedirs(os.path.dirname(os.path.abspath(cfg.generate.out)), exist_ok=True)
             with open(cfg.generate.out, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)

@@ -6,7 +6,7 @@ in one ``batch_isend_irecv``: the pattern seen correct on gloo for 2, 3 and 4 ra
 batches of p2p ops gave wrong results with gloo in pipeline parallelism).
 """
 
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,8 +27,10 @@ class PendingShift:
         return self._received
 
 
-def ring_shift(tensor: torch.Tensor, group: dist.ProcessGroup, *, tag: int = 0) -> PendingShift:
-    """Start sending ``tensor`` to rank+1 of ``group`` and receiving rank-1's into a new buffer.
+def ring_shift(tensor: torch.Tensor, group: dist.ProcessGroup, *, tag: int = 0,
+               received: Optional[torch.Tensor] = None) -> PendingShift:
+    """Start sending ``tensor`` to rank+1 of ``group`` and receiving rank-1's into a new buffer
+    like ``tensor``, or into ``received`` when rank-1 sends another size.
 
     Use a distinct ``tag`` for each kind of message that can be in flight at the same time
     (gloo matches messages by tag; NCCL by issue order, which is the same on every rank here).
@@ -39,7 +41,8 @@ def ring_shift(tensor: torch.Tensor, group: dist.ProcessGroup, *, tag: int = 0) 
     send_to = dist.get_global_rank(group, (rank + 1) % size)
     recv_from = dist.get_global_rank(group, (rank - 1) % size)
     tensor = tensor.contiguous()
-    received = torch.empty_like(tensor)
+    if received is None:
+        received = torch.empty_like(tensor)
     ops = [
         dist.P2POp(dist.isend, tensor, send_to, group=group, tag=tag),
         dist.P2POp(dist.irecv, received, recv_from, group=group, tag=tag),

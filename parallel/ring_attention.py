@@ -18,24 +18,33 @@ a call are a quarter of a block's; the block kernel (``parallel.attention_block`
 SDPA ops, or the PyTorch reference) returns each sub-block's log-sum-exp for the merge. Per rank
 the ring holds the fp32 output, dQ and dK/dV accumulators, and one KV and one dK/dV block in
 flight.
+
+Packed documents (``document_ids``, the whole row's, known on every rank before the zigzag
+split): a query sees the keys of its own document only. Documents are contiguous runs, so each
+query's visible keys in a chunk are one range, computed locally for every sub-block (no extra
+communication): a sub-block that no query reaches is skipped, one where every query sees what
+the plain pattern shows runs as before, and the others run with per-query key bounds (rows
+that see nothing there get log-sum-exp -inf, merged exactly).
 """
 
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from parallel.attention_block import (
     KERNELS,
+    Bounds,
     attention_block_backward,
     attention_block_forward,
     merge,
 )
-from parallel.context import default_cp_group, group_size_rank
+from parallel.context import default_cp_group, group_size_rank, zigzag_positions
 from parallel.p2p import ring_shift
 
 _KV_TAG, _DKV_TAG = 0, 1  # the two kinds of ring message that can be in flight together
 Block = Tuple[slice, slice, bool]
+Task = Tuple[slice, slice, bool, Optional[Bounds]]  # a sub-block, with its key bounds if masked
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,17 +70,70 @@ def _step_plan(step: int, rank: int, size: int, causal: bool, half: int) -> List
     return [(second, first, False), (second, second, False)]  # higher: my second chunk only
 
 
-def _ring_forward(q, k, v, scale, causal, group, kernel):
+def _document_extent(document_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """[b, s] document ids (contiguous runs) -> each token's document's first and last
+    position, [b, s] int64."""
+    s = document_ids.shape[1]
+    index = torch.arange(s, device=document_ids.device).expand_as(document_ids)
+    change = document_ids[:, 1:] != document_ids[:, :-1]
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = change
+    ends = torch.ones_like(starts)
+    ends[:, :-1] = change
+    first = torch.where(starts, index, 0).cummax(dim=1).values
+    last = torch.where(ends, index, s).flip(1).cummin(dim=1).values.flip(1)
+    return first, last
+
+
+def _plan(size: int, rank: int, causal: bool, half: int, sq: int,
+          document_ids: Optional[torch.Tensor]) -> List[List[Task]]:
+    """Per ring step, the sub-blocks to run: ``_step_plan``'s, and with packed documents each
+    one's key bounds, the sub-blocks no query reaches left out. One host sync for the call."""
+    steps = [[(rows, cols, c, None) for rows, cols, c in _step_plan(t, rank, size, causal, half)]
+             for t in range(size)]
+    if document_ids is None:
+        return steps
+    first, last = _document_extent(document_ids)
+    s = document_ids.shape[1]
+    if size == 1:
+        q_pos = torch.arange(s - sq, s, device=first.device)
+    else:
+        q_pos = zigzag_positions(s, size, rank).to(first.device)
+    lo = first[:, q_pos]
+    hi = q_pos.expand_as(lo) if causal else last[:, q_pos]
+    tasks, flags = [], []
+    for t, step in enumerate(steps):
+        source = (rank - t) % size
+        for rows, cols, block_causal, _ in step:
+            chunk = source if cols.start == 0 else 2 * size - 1 - source  # the kv chunk's index
+            start, n_keys = (0, s) if size == 1 else (chunk * half, half)
+            first_key = (lo[:, rows] - start).clamp_min(0)
+            last_key = (hi[:, rows] - start).clamp_max(n_keys - 1)
+            flags.append(torch.stack([
+                (first_key <= last_key).any(),  # some query sees a key here
+                (first_key == 0).all() & (block_causal or (last_key == n_keys - 1).all()),
+            ]))
+            tasks.append((t, rows, cols, block_causal, (first_key, last_key)))
+    plan: List[List[Task]] = [[] for _ in range(size)]
+    for (t, rows, cols, block_causal, bounds), (reached, plain) in zip(
+            tasks, torch.stack(flags).tolist()):
+        if reached:
+            plan[t].append((rows, cols, block_causal, None) if plain
+                           else (rows, cols, False, bounds))
+    return plan
+
+
+def _ring_forward(q, k, v, scale, group, kernel, plan: Sequence[List[Task]]):
     size, rank = group_size_rank(group)
-    half = q.shape[1] // 2
     kv = torch.stack([k, v])  # one message per step; GQA heads stay unrepeated
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), device=q.device)
     for step in range(size):
         pending = ring_shift(kv, group, tag=_KV_TAG) if step + 1 < size else None
-        for rows, cols, block_causal in _step_plan(step, rank, size, causal, half):
+        for rows, cols, block_causal, bounds in plan[step]:
             block_out, block_lse = attention_block_forward(
-                q[:, rows], kv[0][:, cols], kv[1][:, cols], scale, block_causal, kernel=kernel
+                q[:, rows], kv[0][:, cols], kv[1][:, cols], scale, block_causal, kernel=kernel,
+                bounds=bounds,
             )
             merge(out[:, rows], lse[:, :, rows], block_out, block_lse)
             del block_out, block_lse  # not alive beside the next sub-block's
@@ -80,9 +142,8 @@ def _ring_forward(q, k, v, scale, causal, group, kernel):
     return out.to(q.dtype), lse
 
 
-def _ring_backward(dout, q, k, v, out, lse, scale, causal, group, kernel):
+def _ring_backward(dout, q, k, v, out, lse, scale, group, kernel, plan: Sequence[List[Task]]):
     size, rank = group_size_rank(group)
-    half = q.shape[1] // 2
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     kv = torch.stack([k, v])
     dkv_pending = None
@@ -94,10 +155,10 @@ def _ring_backward(dout, q, k, v, out, lse, scale, causal, group, kernel):
             dkv = torch.zeros((2, *k.shape), dtype=torch.float32, device=k.device)
         else:
             dkv = dkv_pending.wait()
-        for rows, cols, block_causal in _step_plan(step, rank, size, causal, half):
+        for rows, cols, block_causal, bounds in plan[step]:
             block_dq, block_dk, block_dv = attention_block_backward(
                 dout[:, rows], q[:, rows], kv[0][:, cols], kv[1][:, cols],
-                out[:, rows], lse[:, :, rows], scale, block_causal, kernel=kernel,
+                out[:, rows], lse[:, :, rows], scale, block_causal, kernel=kernel, bounds=bounds,
             )
             dq[:, rows] += block_dq
             dkv[0][:, cols] += block_dk
@@ -114,19 +175,36 @@ def _ring_backward(dout, q, k, v, out, lse, scale, causal, group, kernel):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, causal, group, kernel):
-        out, lse = _ring_forward(q, k, v, softmax_scale, causal, group, kernel)
+    def forward(ctx, q, k, v, softmax_scale, causal, group, kernel, document_ids):
+        size, rank = group_size_rank(group)
+        plan = _plan(size, rank, causal, q.shape[1] // 2, q.shape[1], document_ids)
+        out, lse = _ring_forward(q, k, v, softmax_scale, group, kernel, plan)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.softmax_scale, ctx.causal, ctx.group, ctx.kernel = softmax_scale, causal, group, kernel
+        ctx.softmax_scale, ctx.group, ctx.kernel, ctx.plan = softmax_scale, group, kernel, plan
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _ring_backward(
-            dout, q, k, v, out, lse, ctx.softmax_scale, ctx.causal, ctx.group, ctx.kernel
+            dout, q, k, v, out, lse, ctx.softmax_scale, ctx.group, ctx.kernel, ctx.plan
         )
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _check_documents(document_ids: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     cp_size: int) -> None:
+    b, s = q.shape[:2]
+    want = (b, s * cp_size if cp_size > 1 else k.shape[1])
+    if document_ids.dim() != 2 or tuple(document_ids.shape) != want:
+        raise ValueError(
+            f"ring_attention document_ids of shape {tuple(document_ids.shape)}: expected {want}, "
+            "the document id of every token of the whole (unsharded) sequence, the same on "
+            "every CP rank; pass the batch's document_ids before zigzag_split.")
+    if document_ids.is_floating_point() or (document_ids[:, 1:] < document_ids[:, :-1]).any():
+        raise ValueError(
+            "ring_attention document_ids must be integers that never decrease along a row "
+            "(each document one contiguous run, as data.packing numbers them); renumber them.")
 
 
 def _check_inputs(q, k, v, cp_size: int) -> None:
@@ -171,6 +249,7 @@ def ring_attention(
     softmax_scale: Optional[float] = None,
     group: Optional[dist.ProcessGroup] = None,
     kernel: str = "sdpa",
+    document_ids: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Exact attention over the whole sequence from zigzag shards; returns this rank's shard.
 
@@ -181,12 +260,16 @@ def ring_attention(
     megatron's CP group when parallel_state is initialized, else the world group (or no
     communication at all in a single process without torch.distributed). ``kernel`` is the
     block kernel of ``parallel.attention_block`` ("sdpa": torch's fused ops; "torch": the
-    pure-PyTorch reference).
+    pure-PyTorch reference). ``document_ids`` [b, s] (the whole sequence's, not a shard)
+    restricts each query to the keys of its own document (packed documents).
     """
     if kernel not in KERNELS:
         raise ValueError(f"ring_attention kernel={kernel!r} is not one of {', '.join(KERNELS)}; "
                          "pick one of these")
     group = default_cp_group() if group is None else group
-    _check_inputs(q, k, v, group_size_rank(group)[0])
+    cp_size = group_size_rank(group)[0]
+    _check_inputs(q, k, v, cp_size)
+    if document_ids is not None:
+        _check_documents(document_ids, q, k, cp_size)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    return _RingAttention.apply(q, k, v, scale, causal, group, kernel)
+    return _RingAttention.apply(q, k, v, scale, causal, group, kernel, document_ids)

@@ -50,7 +50,8 @@ def main() -> int:
                              f"train.seq_len={seq}", f"train.steps={steps}",
                              f"train.micro_batch_size={mbs}", f"train.global_batch_size={gbs}",
                              "train.log_interval=1", "train.warmup_steps=0",
-                             "train.eval_samples=1", "logging.nvml_interval=0"],
+                             "train.eval_samples=1", "logging.nvml_interval=0",
+                             "data.isolate_documents=false"],  # the causal FLOPs counted above
                     args.run_dir, 540, args.dry_run)
     table = Table(f"MFU, {preset} preset, {dtype}, seq {seq}, {gbs} x {seq} tokens/step ({name})",
                   ["params N", "model TFLOP/token", "tokens/s", "achieved TFLOP/s", "peak TFLOP/s",

@@ -5,12 +5,17 @@ Only what megatron-core's GPTModel computes exactly is accepted: an architecture
 or a config field that would need an approximation is a ConfigError naming it."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
-from typing import Dict
+import shutil
+import tempfile
+from typing import Dict, Optional
 
 from megatron_ext.config.fields import ConfigError
 
+TRAIN_STATE = "train_state.json"  # a checkpoint's JSON state (training/checkpoint/manager.py)
 # Architectures whose weights convert/mapping.py knows, and what their attention carries.
 ARCHITECTURES = {
     "LlamaForCausalLM": {"qkv_bias": False, "qk_layernorm": False},
@@ -91,8 +96,11 @@ def _refuse(hf: Dict, where: str) -> None:
 
 def model_fields(hf_path: str) -> Dict:
     """ModelConfig fields of the HF model in `hf_path`."""
-    hf = read_hf_config(hf_path)
-    where = os.path.join(hf_path, "config.json")
+    return fields_of(read_hf_config(hf_path), os.path.join(hf_path, "config.json"))
+
+
+def fields_of(hf: Dict, where: str) -> Dict:
+    """ModelConfig fields of an HF config.json's contents (`where` names it in errors)."""
     arch = architecture(hf, where)
     _refuse(hf, where)
     heads = hf["num_attention_heads"]
@@ -106,3 +114,55 @@ def model_fields(hf_path: str) -> Dict:
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         **ARCHITECTURES[arch], **_rope(hf, where),
     }
+
+
+def start_checkpoint(cfg) -> Optional[str]:
+    """The checkpoint a run takes its weights from: train.resume=PATH, else stage=rl's
+    rl.init_checkpoint; None when neither names a checkpoint folder."""
+    resume = cfg.train.resume
+    path = resume if resume not in ("auto", "none") else (
+        cfg.rl.init_checkpoint if cfg.stage == "rl" else None)
+    return path if path and os.path.isfile(os.path.join(path, TRAIN_STATE)) else None
+
+
+def hf_origin(path: str) -> Optional[Dict]:
+    """The origin the checkpoint `path` records (convert/origin.py) when its model came from a
+    Hugging Face folder (imported, or trained from model=hf), else None (also for a damaged
+    train state, which the checkpoint's integrity check names when the run loads it)."""
+    try:
+        with open(os.path.join(path, TRAIN_STATE)) as f:
+            origin = json.load(f).get("origin") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return origin if origin.get("architecture") and origin.get("hf_config") else None
+
+
+def recorded_tokenizer(origin: Dict, where: str) -> str:
+    """The tokenizer a checkpoint was trained with: its path while that exists, else the
+    files the checkpoint keeps, written once to a folder named by their hash, beside the
+    recorded config.json and generation_config.json (whose eos_token_id is the EOS)."""
+    path = origin["tokenizer"]
+    files = origin.get("tokenizer_files") or {}
+    if path == "byte" or os.path.exists(path):
+        return path
+    if not files:
+        raise ConfigError(f"{where}: its tokenizer {path!r} is gone and the checkpoint keeps no "
+                          "tokenizer files; add data.tokenizer=DIR (the model's tokenizer folder)")
+    configs = {name: origin.get(key) for name, key in (("config.json", "hf_config"), (
+        "generation_config.json", "generation_config")) if origin.get(key)}
+    digest = hashlib.sha256(json.dumps([files, configs], sort_keys=True).encode()).hexdigest()
+    folder = os.path.join(tempfile.gettempdir(), f"megatron_ext-tokenizer-{digest[:16]}")
+    if not os.path.isdir(folder):
+        tmp = tempfile.mkdtemp(prefix=".megatron_ext-tokenizer-")
+        for name, data in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(base64.b64decode(data))
+        for name, config in configs.items():
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(config, f, indent=2)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process wrote the same folder first
+            shutil.rmtree(tmp)
+    # a lone tokenizer.json was a data.tokenizer=FILE.json
+    return folder if len(files) > 1 else os.path.join(folder, "tokenizer.json")

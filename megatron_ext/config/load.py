@@ -15,7 +15,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from megatron_ext.config.hf import model_fields
+from megatron_ext.config.hf import (fields_of, hf_origin, model_fields, recorded_tokenizer,
+                                    start_checkpoint)
 from megatron_ext.config.layout import ParallelDims
 from megatron_ext.config.schema import Config
 from megatron_ext.config.validate import validate
@@ -41,11 +42,29 @@ def from_hf(cfg: Config) -> Config:
     """model=hf: the shape, RoPE, norm and attention fields from model.hf_path's config.json
     (which wins over the yaml), and its tokenizer unless data.tokenizer names another."""
     if cfg.model.name != "hf" and not cfg.model.hf_path:
-        return cfg
+        return from_checkpoint_origin(cfg)
     for key, value in model_fields(cfg.model.hf_path).items():
         setattr(cfg.model, key, value)
     if cfg.data.tokenizer == "byte":
         cfg.data.tokenizer = cfg.model.hf_path
+    return cfg
+
+
+def from_checkpoint_origin(cfg: Config) -> Config:
+    """No model=hf, but the run starts from a checkpoint of an HF model (train.resume=PATH, or
+    stage=rl's rl.init_checkpoint, e.g. one `convert import` wrote): the fields model=hf would
+    set, from the config.json the checkpoint's origin records (no other shape loads it), and
+    its recorded tokenizer unless data.tokenizer names another."""
+    path = start_checkpoint(cfg)
+    origin = hf_origin(path) if path else None
+    if origin is None:
+        return cfg
+    where = f"checkpoint {path}"
+    for key, value in fields_of(origin["hf_config"], f"the HF config.json {where} records").items():
+        setattr(cfg.model, key, value)
+    cfg.model.source = f"the HF origin {where} records"
+    if cfg.data.tokenizer == "byte":
+        cfg.data.tokenizer = recorded_tokenizer(origin, where)
     return cfg
 
 

@@ -68,6 +68,9 @@ class RLConfig:
     eval_interval: int = bounded(0, at_least=0)  # steps between guard evals (0: off)
     margin: float = bounded(0.05, at_least=0)  # allowed drop of held-out accuracy below the best
     action: str = one_of("halve_lr", "stop")  # what the guard does when the drop exceeds margin
+    # eval: pass@k from n samples per held-out problem at rl.temperature (1: greedy pass@1 only)
+    eval_k: int = bounded(1, at_least=1, what="the k of pass@k")
+    eval_samples: Optional[int] = bounded(None, at_least=1, what="samples per problem")  # null: eval_k
 
 
 def check_rl(rl: RLConfig) -> None:
@@ -97,6 +100,15 @@ def check_rl(rl: RLConfig) -> None:
                           f"lam={rl.lam})")
     if rl.critic_lr <= 0 and rl.algorithm == "ppo":
         raise ConfigError(f"rl.critic_lr={rl.critic_lr} must be > 0 for rl.algorithm=ppo")
+    samples = rl.eval_samples if rl.eval_samples is not None else rl.eval_k
+    if samples < rl.eval_k:
+        raise ConfigError(f"rl.eval_samples={rl.eval_samples} is below rl.eval_k={rl.eval_k}: "
+                          "pass@k needs at least k samples per problem; set rl.eval_samples >= "
+                          "rl.eval_k (or null, which takes rl.eval_k)")
+    if samples > 1 and rl.temperature == 0:
+        raise ConfigError(f"rl.eval_k={rl.eval_k} (rl.eval_samples={rl.eval_samples}) samples "
+                          "every held-out problem at rl.temperature=0, which draws the same "
+                          "response each time; use rl.temperature > 0 or rl.eval_k=1 (greedy)")
     if any(s == "" for s in rl.stop):
         raise ConfigError("rl.stop holds an empty string, which would stop at once; remove it")
     if rl.offload_reference and rl.kl_coef == 0:

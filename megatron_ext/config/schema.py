@@ -132,8 +132,8 @@ class DataConfig:
     num_samples: int = bounded(20000, at_least=1, what="training problems drawn from the task")
     pack: bool = True  # pack several examples into one sequence
     # packed examples attend only within themselves, positions restarting at 0 (sdpa or local
-    # attention, parallel.cp=1)
-    isolate_documents: bool = False
+    # attention, or ring attention under parallel.cp > 1); false lets them see each other
+    isolate_documents: bool = True
     loss_on_prompt: bool = False  # SFT masks the prompt; pretrain sets this true
     on_malformed: str = one_of("error", "skip")  # a bad line stops, or is counted and reported
     # an example longer than train.seq_len + 1 tokens is cut, left out, or stops the run
@@ -191,9 +191,8 @@ class GenerateConfig:
     top_p: float = bounded(1.0, at_least=0, at_most=1, what="nucleus mass; 1: off")
     # auto: "messages" through the chat template, plain prompts as they are; true: both; false: none
     chat_template: str = one_of("auto", "true", "false", "True", "False")
-    batch_size: int = bounded(8, at_least=1, what="prompts per generation batch")
-    # sequence slots the engine holds at once (bounds its KV cache); a batch of more prompts
-    # goes through the slots in turn
+    # sequence slots the engine holds at once (bounds its KV cache); the prompts go in batches
+    # of this many (one progress line each; DP replicas take whole batches)
     max_batch: int = bounded(64, at_least=1, what="sequence slots of the generation engine")
 
 
@@ -216,3 +215,11 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)  # python -m megatron_ext.generate
+
+    @property
+    def isolates_documents(self) -> bool:
+        """Whether training rows pack several documents that attend only within themselves
+        (data.pack and data.isolate_documents, on the JSONL / task rows of SFT and pretraining;
+        megatron's indexed datasets and RL build their own rows)."""
+        d = self.data
+        return d.pack and d.isolate_documents and d.source != "indexed" and self.stage != "rl"

@@ -98,13 +98,13 @@ def _check_data(cfg: Config) -> None:
         raise ConfigError("train.steps=0 only evaluates, but the run has no held-out data; "
                           "give data.valid_path (data=jsonl) or a held-out share in data.split "
                           "(data=indexed), or train.steps > 0")
-    if d.isolate_documents and d.pack and d.source != "indexed" and cfg.stage != "rl" and (
-            cfg.parallel.cp > 1 or cfg.model.attention_backend not in ("sdpa", "local")):
+    if cfg.isolates_documents and cfg.parallel.cp == 1 and cfg.model.attention_backend in (
+            "flash", "te"):
         raise ConfigError(
             f"data.isolate_documents=true masks attention per packed document, which "
-            f"model.attention_backend={cfg.model.attention_backend} with parallel.cp="
-            f"{cfg.parallel.cp} does not do; use model.attention_backend=sdpa (or local) with "
-            "parallel.cp=1, or data.isolate_documents=false")
+            f"model.attention_backend={cfg.model.attention_backend} does not do at parallel.cp=1;"
+            " use model.attention_backend=auto, sdpa or local (or parallel.cp > 1: ring "
+            "attention), or data.isolate_documents=false")
     gate = d.fidelity_gate
     if gate.enabled:
         if d.source != "jsonl":

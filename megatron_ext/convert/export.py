@@ -1,25 +1,33 @@
 """Our checkpoints to Hugging Face folders, and HF folders to our checkpoints, in one process.
 
-Export reads any checkpoint layout: megatron's dist_checkpointing reshards it into a one-process
-(TP1, PP1) model, whose weights the architecture's mapping turns back into HF tensors (the QKV
-groups split into q, k, v; fc1 into gate and up; the vocab padding rows dropped), written as
-`model-0000i-of-0000n.safetensors` with their index, beside config.json (dtype, RoPE and tie
-settings of the run), generation_config.json and the source's tokenizer files, byte for byte,
-all from the checkpoint's recorded origin (convert/origin.py)."""
+Export reads any checkpoint layout straight from its files (convert/dist_reader.py), one tensor
+or one layer of a tensor at a time, in the one-process layout that megatron's sharded keys
+give once assembled; the architecture's mapping turns each into HF tensors (the QKV groups
+split into q, k, v; fc1 into gate and up; the vocab padding rows dropped), written into
+`model-0000i-of-0000n.safetensors` shards as they come (convert/hf_writer.py), beside
+config.json (dtype, RoPE and tie settings of the run), generation_config.json and the source's
+tokenizer files, byte for byte, all from the checkpoint's recorded origin (convert/origin.py).
+No model is built and no process group is needed: peak memory is about the largest tensor
+(and its HF parts), whatever the shard size."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import shutil
-from typing import Dict, Iterator, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from megatron_ext.convert.byte_tokenizer import save_byte_tokenizer
-from megatron_ext.convert.mapping import TE_NAMES, hf_names
+from megatron_ext.convert.dist_reader import DistCheckpoint
+from megatron_ext.convert.hf_writer import ShardWriter
+from megatron_ext.convert.mapping import (EMBEDDING, FINAL_NORM, LAYER_RULES, OUTPUT, TE_NAMES,
+                                          Rule, global_rules)
 
 _DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
+_MODEL_PREFIXES = ("embedding.", "decoder.", "output_layer.")  # a policy's keys (no prefix)
 
 
 def checkpoint_model_fields(state: Dict) -> Dict:
@@ -41,62 +49,52 @@ def _single_process_model(model_fields: Dict, overrides=()):
     compat.setup()
     topo = topology.initialize(dims, seed=cfg.seed)
     from megatron_ext.models.gpt import build_gpt_chunks
-    return cfg, topo, build_gpt_chunks(cfg, topo, cfg.model.vocab_size)
+    return cfg, topo, build_gpt_chunks(cfg, topo, cfg.model.vocab_size, init=False)
 
 
-def _local_name(name: str) -> str:
-    """TE's fused norm names as the local spec's (mapping.TE_NAMES)."""
-    head, _, leaf = name.rpartition(".layers.")
-    if not head:
-        return name
-    number, _, rest = leaf.partition(".")
-    return f"{head}.layers.{number}.{TE_NAMES.get(rest, rest)}"
+def hf_parts(rule, tensor: torch.Tensor, groups: int, head_dim: int, vocab_size: int
+             ) -> List[torch.Tensor]:
+    """The HF tensors (in rule.hf order) of one megatron tensor in the one-process layout."""
+    if rule.kind == "vocab":
+        return [tensor[:vocab_size]]
+    if rule.kind == "glu":
+        return list(tensor.chunk(2, dim=0))
+    if rule.kind == "qkv":  # [q_g; k_g; v_g] per query group back into q, k, v
+        rest = tensor.shape[1:]
+        per_group = tensor.shape[0] // (groups * head_dim) - 2
+        grouped = tensor.reshape(groups, (per_group + 2) * head_dim, *rest)
+        return [p.reshape(-1, *rest) for p in
+                grouped.split([per_group * head_dim, head_dim, head_dim], dim=1)]
+    return [tensor]
 
 
-def to_hf_tensors(full: Dict[str, torch.Tensor], arch: str, tie: bool, num_layers: int,
-                  heads: int, groups: int, head_dim: int, vocab_size: int
-                  ) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(HF name, tensor) of a full one-process state (models/reshard.py global names)."""
-    full = {_local_name(k): v for k, v in full.items()}
-    per_group = heads // groups
-    sources = {(ours, rule, layer) for ours, rule, layer in hf_names(arch, tie, num_layers).values()}
-    for ours, rule, layer in sorted(sources, key=lambda s: (s[2], s[0])):
-        tensor = full[ours]
-        if rule.kind == "vocab":
-            parts = [tensor[:vocab_size]]
-        elif rule.kind == "glu":
-            parts = list(tensor.chunk(2, dim=0))
-        elif rule.kind == "qkv":  # [q_g; k_g; v_g] per query group back into q, k, v
-            rest = tensor.shape[1:]
-            grouped = tensor.reshape(groups, (per_group + 2) * head_dim, *rest)
-            parts = [p.reshape(-1, *rest) for p in
-                     grouped.split([per_group * head_dim, head_dim, head_dim], dim=1)]
-        else:
-            parts = [tensor]
-        for name, part in zip(rule.hf, parts):
-            yield name.format(i=layer), part.contiguous()
-
-
-def _write_shards(tensors: Dict[str, torch.Tensor], out: str, max_shard_bytes: int) -> None:
-    from safetensors.torch import save_file
-    shards, current, size = [], {}, 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = tensor
-        size += nbytes
-    shards.append(current)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, 1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(out, file), metadata={"format": "pt"})
-        for name, tensor in shard.items():
-            weight_map[name] = file
-            total += tensor.numel() * tensor.element_size()
-    with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+def _sources(ckpt: DistCheckpoint, arch: str, tie: bool, num_layers: int
+             ) -> List[Tuple[str, Optional[int], Rule, List[str]]]:
+    """(checkpoint key, layer or None, rule, HF names) of every HF tensor, embedding first,
+    layer by layer, lm_head last; a missing or unexpected model tensor is an error."""
+    stacked = {}  # our layer leaf (local spec names) -> checkpoint key of all layers
+    for key in ckpt.tensors:
+        if key.startswith("decoder.layers."):
+            leaf = key[len("decoder.layers."):]
+            stacked[TE_NAMES.get(leaf, leaf)] = key
+    rules = global_rules(tie)
+    plan = [(EMBEDDING, None, rules[EMBEDDING])]
+    plan += [(stacked.get(leaf, f"decoder.layers.{leaf}"), i, rule)
+             for i in range(num_layers) for leaf, rule in LAYER_RULES[arch].items()]
+    plan += [(FINAL_NORM, None, rules[FINAL_NORM])]
+    if not tie:
+        plan.append((OUTPUT, None, rules[OUTPUT]))
+    used = {key for key, _, _ in plan}
+    missing = sorted(used - set(ckpt.tensors))
+    unexpected = sorted(k for k in ckpt.tensors if k.startswith(_MODEL_PREFIXES) and k not in used)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {ckpt.path} does not hold the {arch} model its origin "
+                         f"records: missing {missing}, unexpected {unexpected}")
+    depth = {ckpt.shape(key)[0] for key, layer, _ in plan if layer is not None}
+    if depth != {num_layers}:
+        raise ValueError(f"checkpoint {ckpt.path} holds {sorted(depth)} layers, its train "
+                         f"state records {num_layers}")
+    return [(key, layer, rule, [n.format(i=layer) for n in rule.hf]) for key, layer, rule in plan]
 
 
 def _hf_config(origin: Dict, m) -> Dict:
@@ -127,32 +125,36 @@ def _hf_config(origin: Dict, m) -> Dict:
 
 
 def export_checkpoint(checkpoint: str, out: str, max_shard_bytes: int = 5 * 2 ** 30) -> str:
-    """Write the HF folder `out` of our checkpoint `checkpoint` (any layout); returns `out`."""
+    """Write the HF folder `out` of our checkpoint `checkpoint` (any layout), reading it one
+    tensor (one layer of a tensor) at a time and writing each HF tensor straight to its shard
+    file: peak memory is about the largest tensor. Returns `out`."""
     from megatron_ext.config.schema import ModelConfig
-    from megatron_ext.models.reshard import gather_full_state
-    from megatron_ext.training.checkpoint import (CheckpointManager, ModelPart, model_shape,
-                                                  read_train_state)
+    from megatron_ext.training.checkpoint import read_train_state
     state = read_train_state(checkpoint)
     origin = state.get("origin")
     if origin is None:
         raise ValueError(f"checkpoint {checkpoint} records no model origin (it predates "
                          "convert); export needs a checkpoint written by this version")
-    vocab = state["shape"]["vocab_size"]
-    cfg, topo, chunks = _single_process_model(checkpoint_model_fields(state))
-    m = cfg.model
-    arch = origin.get("architecture") or "LlamaForCausalLM"
-    manager = CheckpointManager(os.path.join(out, ".unused"), topo, keep=1,
-                                sharded={"model": ModelPart(chunks)}, states={},
-                                shape=model_shape(m, vocab, chunks), log=lambda _: None)
-    manager.load(checkpoint, only=("model",))
-    full = gather_full_state(chunks, topo)
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    m = ModelConfig(**{k: v for k, v in checkpoint_model_fields(state).items() if k in known})
+    vocab, arch = m.vocab_size, origin.get("architecture") or "LlamaForCausalLM"
+    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[m.dtype]
-    tensors = {n: t.to(dtype) for n, t in to_hf_tensors(
-        full, arch, m.tie_embeddings, m.num_layers, m.num_attention_heads, m.num_query_groups,
-        chunks[0].config.kv_channels, vocab)}
-    del full
+    ckpt = DistCheckpoint(checkpoint)
+    sources = _sources(ckpt, arch, m.tie_embeddings, m.num_layers)
+    plan = []
+    for key, layer, rule, names in sources:
+        meta = torch.empty(ckpt.shape(key, layer), device="meta")
+        parts = hf_parts(rule, meta, m.num_query_groups, head_dim, vocab)
+        plan += [(n, dtype, p.shape) for n, p in zip(names, parts)]
     os.makedirs(out, exist_ok=True)
-    _write_shards(tensors, out, max_shard_bytes)
+    writer = ShardWriter(out, plan, max_shard_bytes)
+    for key, layer, rule, names in sources:
+        parts = hf_parts(rule, ckpt.read(key, layer), m.num_query_groups, head_dim, vocab)
+        for name, part in zip(names, parts):
+            writer.add(name, part.to(dtype).contiguous())
+        del parts
+    writer.close()
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(_hf_config(origin, m), f, indent=2)
     generation = origin.get("generation_config") or {"_from_model_config": True}
@@ -164,7 +166,6 @@ def export_checkpoint(checkpoint: str, out: str, max_shard_bytes: int = 5 * 2 **
     for name, data in origin.get("tokenizer_files", {}).items():
         with open(os.path.join(out, name), "wb") as f:
             f.write(base64.b64decode(data))
-    shutil.rmtree(os.path.join(out, ".unused"), ignore_errors=True)
     return out
 
 

@@ -38,13 +38,14 @@ TE_NAMES = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weig
             "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT = "output_layer.weight"
+FINAL_NORM = "decoder.final_layernorm.weight"
 # HF files of older transformers versions keep RoPE buffers: not weights.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def global_rules(tie: bool) -> Dict[str, Rule]:
     embed = Rule(("model.embed_tokens.weight",), "vocab")
-    return {EMBEDDING: embed, "decoder.final_layernorm.weight": Rule(("model.norm.weight",), "plain"),
+    return {EMBEDDING: embed, FINAL_NORM: Rule(("model.norm.weight",), "plain"),
             OUTPUT: embed if tie else Rule(("lm_head.weight",), "vocab")}
 
 

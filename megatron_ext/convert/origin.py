@@ -56,13 +56,22 @@ def describe(model_cfg, tokenizer: str) -> Dict:
 
 class ModelOrigin:
     """The checkpoint state "origin". A resumed or RL-initialised run keeps the origin of the
-    checkpoint it started from (load_state_dict)."""
+    checkpoint it started from (load_state_dict); so does a run whose shape came from that
+    checkpoint's HF origin (no model=hf: config/load.py from_checkpoint_origin), from the start,
+    since an imported checkpoint gives its weights only."""
 
     def __init__(self, cfg):
-        self.record = describe(cfg.model, cfg.data.tokenizer)
+        from megatron_ext.config.hf import hf_origin, start_checkpoint
+        start = None if cfg.model.hf_path else start_checkpoint(cfg)
+        recorded = hf_origin(start) if start else None
+        if recorded is not None:  # this run's model config, the recorded source
+            self.load_state_dict({**recorded, "model": dataclasses.asdict(cfg.model)})
+        else:
+            self.record = describe(cfg.model, cfg.data.tokenizer)
 
     def state_dict(self) -> Dict:
         return self.record
 
     def load_state_dict(self, state: Dict) -> None:
-        self.record = state
+        """Adopt a checkpoint's record; what this run saves is not an import (weights only)."""
+        self.record = {k: v for k, v in state.items() if k != "imported"}

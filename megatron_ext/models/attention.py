@@ -6,6 +6,9 @@ flash / memory-efficient / cuDNN on GPU, the flash kernel on CPU), ``flash`` (fl
 spec) and ``auto`` (TE on a GPU where it imports, else flash-attn where it imports and the
 model is bf16, else sdpa). With CP > 1 the core attention is ring attention, whose block
 kernel follows the same choice (``local``: the PyTorch reference; otherwise torch's fused ops).
+Packed documents (data.isolate_documents) reach the core attention as ``attention_mask``: the
+dense block-diagonal mask at CP=1 (sdpa, local), the whole row's document ids under CP (ring
+attention masks each of its blocks from them); see ``packed_attention_mask``.
 
 Plain nn.Modules (megatron handles those in state dicts; there are no parameters), so importing
 this file does not import megatron, which costs seconds in every process."""
@@ -23,8 +26,9 @@ from parallel.ring_attention import ring_attention
 BACKENDS = ("auto", "sdpa", "flash", "local", "te")
 
 
-def resolve_backend(name: str, dtype: str) -> str:
+def resolve_backend(name: str, dtype: str, documents: bool = False) -> str:
     """The backend that ``model.attention_backend=name`` runs here; ``dtype`` is model.dtype.
+    With ``documents`` (isolated packed documents, a mask) ``auto`` is sdpa, which takes one.
 
     Raises ValueError for a name this machine or dtype cannot run."""
     from megatron_ext.compat import has_flash_attn, has_transformer_engine
@@ -32,6 +36,8 @@ def resolve_backend(name: str, dtype: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"model.attention_backend={name!r} is not one of {', '.join(BACKENDS)}; "
                          "pick one of these")
+    if name == "auto" and documents:
+        return "sdpa"
     if name == "auto":
         if has_transformer_engine():
             return "te"
@@ -60,6 +66,13 @@ def document_mask(document_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
     same = document_ids[:, :, None] == document_ids[:, None, :]
     return ~(same & causal).unsqueeze(1)
+
+
+def packed_attention_mask(document_ids: torch.Tensor, cp: int) -> torch.Tensor:
+    """What the model's core attention takes as ``attention_mask`` for packed documents: the
+    dense ``document_mask`` at CP=1, the `[b, s]` document ids of the whole row under CP (the
+    ring builds each block's mask from them; a dense mask has no meaning on zigzag shards)."""
+    return document_mask(document_ids) if cp == 1 else document_ids
 
 
 def ring_kernel(backend: str) -> str:
@@ -199,8 +212,10 @@ class RingCoreAttention(_CoreAttention):
     """Megatron ``core_attention`` that runs ring attention over the CP group.
 
     Same contract as SDPACoreAttention, on zigzag shards (a full [s, s] mask has no meaning
-    there). At CP size 1 it is plain blockwise attention. ``kernel`` is the block kernel of
-    ``parallel.attention_block`` ("sdpa" or "torch"); bind it with functools.partial in a spec.
+    there): ``attention_mask`` is None or, for packed documents, the `[b, s]` integer document
+    ids of the whole row (``packed_attention_mask``). At CP size 1 it is plain blockwise
+    attention. ``kernel`` is the block kernel of ``parallel.attention_block`` ("sdpa" or
+    "torch"); bind it with functools.partial in a spec.
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type,
@@ -220,7 +235,13 @@ class RingCoreAttention(_CoreAttention):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         causal = self._causal(attention_mask, attn_mask_type, attention_bias, packed_seq_params)
-        _refuse_document_mask(self, attention_mask)
+        if attention_mask is not None and (attention_mask.dim() != 2
+                                           or attention_mask.is_floating_point()
+                                           or attention_mask.dtype == torch.bool):
+            raise ValueError(
+                f"RingCoreAttention got an attention_mask of shape {tuple(attention_mask.shape)} "
+                f"and dtype {attention_mask.dtype}; it takes the [b, s] integer document ids of "
+                "the whole row (models.attention.packed_attention_mask), not a dense mask")
         sq, b = query.shape[:2]
         out = ring_attention(
             *(t.transpose(0, 1) for t in (query, key, value)),  # [b, s, h, d]
@@ -228,5 +249,6 @@ class RingCoreAttention(_CoreAttention):
             softmax_scale=self.softmax_scale,
             group=self.cp_group,
             kernel=self.kernel,
+            document_ids=attention_mask,
         )
         return out.transpose(0, 1).reshape(sq, b, -1)

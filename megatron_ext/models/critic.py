@@ -42,10 +42,11 @@ def critic_config(cfg: Config) -> Config:
     return dataclasses.replace(cfg, train=train, model=model)
 
 
-def build_critic(cfg: Config, topo: Topology, vocab_size: int):
-    """DDP-wrapped critic chunks: the policy's trunk, a value head on the last stage."""
+def build_critic(cfg: Config, topo: Topology, vocab_size: int, init: bool = True):
+    """DDP-wrapped critic chunks: the policy's trunk, a value head on the last stage; init as
+    build_gpt_chunks' (the head is zeros either way)."""
     ccfg = critic_config(cfg)
-    chunks = build_gpt_chunks(ccfg, topo, vocab_size)
+    chunks = build_gpt_chunks(ccfg, topo, vocab_size, init)
     for chunk in chunks:
         if chunk.post_process:
             chunk.output_layer = ValueHead(chunk.config).to(topo.device)

@@ -27,7 +27,7 @@ from megatron_ext.models.attention import (
     resolve_backend,
     ring_kernel,
 )
-from megatron_ext.models.init import initialize_weights
+from megatron_ext.models.init import initialize_weights, mark_tensor_parallel
 from megatron_ext.ops import resolve_fused
 from parallel.topology import Topology
 
@@ -91,6 +91,8 @@ def transformer_config(cfg: Config, topo: Topology) -> TransformerConfig:
         attention_dropout=0.0,
         init_method_std=m.init_method_std,
         use_cpu_initialization=not on_gpu,
+        # weights are allocated, not drawn: models/init.py draws them once (or a load fills them)
+        perform_initialization=False,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -107,7 +109,7 @@ def layer_spec(cfg: Config) -> Tuple[ModuleSpec, str]:
     that says which attention runs). The spec is TE's when TE imports on a GPU, else the local
     one; with parallel.cp > 1 its core attention is our ring attention, so CP needs no TE."""
     requested = cfg.model.attention_backend
-    backend = resolve_backend(requested, cfg.model.dtype)
+    backend = resolve_backend(requested, cfg.model.dtype, documents=cfg.isolates_documents)
     if has_transformer_engine():
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec)
@@ -145,10 +147,13 @@ def _say_once(line: str) -> None:
         print(line, flush=True)
 
 
-def build_gpt_chunks(cfg: Config, topo: Topology, vocab_size: int) -> List[GPTModel]:
+def build_gpt_chunks(cfg: Config, topo: Topology, vocab_size: int,
+                     init: bool = True) -> List[GPTModel]:
     """Unwrapped GPTModel chunks of this rank, in virtual-stage order, with initial weights
     that depend on cfg.seed only (not on the layout). vocab_size: the real vocab; megatron
-    pads it, and the padding never enters the loss."""
+    pads it, and the padding never enters the loss. init=False leaves the weights
+    uninitialised (allocated, never drawn) for a caller that loads every weight right after:
+    HF weights, a checkpoint."""
     config = transformer_config(cfg, topo)
     spec, attention = layer_spec(cfg)
     _say_once(attention)
@@ -180,7 +185,9 @@ def build_gpt_chunks(cfg: Config, topo: Topology, vocab_size: int) -> List[GPTMo
             vp_stage=vp_stage,
         )
         chunks.append(model.to(topo.device))
-    initialize_weights(chunks, cfg.seed, vocab_size, topo)
+    mark_tensor_parallel(chunks)
+    if init:
+        initialize_weights(chunks, cfg.seed, vocab_size, topo)
     return chunks
 
 
@@ -207,8 +214,9 @@ def wrap_ddp(cfg: Config, chunks: List[GPTModel]) -> List[DistributedDataParalle
     return wrapped
 
 
-def build_model(cfg: Config, topo: Topology, vocab_size: int) -> List[DistributedDataParallel]:
-    return wrap_ddp(cfg, build_gpt_chunks(cfg, topo, vocab_size))
+def build_model(cfg: Config, topo: Topology, vocab_size: int,
+                init: bool = True) -> List[DistributedDataParallel]:
+    return wrap_ddp(cfg, build_gpt_chunks(cfg, topo, vocab_size, init))
 
 
 def count_parameters(chunks) -> int:

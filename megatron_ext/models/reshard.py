@@ -2,7 +2,7 @@
 
 Names are GPTModel's with global layer numbers, so a full state dict is layout-free. Used to
 start any layout from the same initial weights (parity checks) and to gather a full copy of
-weights or gradients (export, comparisons); models/init.py draws initial weights in the full
+weights or gradients (the layout-parity comparisons); models/init.py draws initial weights in the full
 layout and cuts them with tp_shard."""
 from __future__ import annotations
 

@@ -12,8 +12,7 @@ import torch
 
 from megatron_ext.rl.filtering import FillResult, PassRateHistory, fill_batch
 from megatron_ext.rl.rewards import CombinedReward, is_correct
-from megatron_ext.models.generate import SamplingParams
-from megatron_ext.models.slots import generate_in_slots
+from megatron_ext.models.generate import SamplingParams, generate
 
 
 @dataclasses.dataclass
@@ -56,9 +55,9 @@ def sample_groups(model, pool: PromptPool, indices: Sequence[int], *, group_size
     share of samples the verifier accepts); at most `num_slots` sequences generate at once."""
     prompts = [pool.prompts[i] for i in indices for _ in range(group_size)]
     problems = [pool.problems[i] for i in indices for _ in range(group_size)]
-    out = generate_in_slots(model, prompts, tokenizer, params, num_slots=num_slots,
-                            vocab_size=vocab_size, generator=generator, tp_group=tp_group,
-                            pp_group=pp_group)
+    out = generate(model, prompts, tokenizer, params, vocab_size=vocab_size,
+                   generator=generator, tp_group=tp_group, pp_group=pp_group,
+                   num_slots=num_slots)
     total, parts = reward.score(out.texts, problems)
     correct = verdicts(parts, out.texts, problems)
     groups = []
@@ -91,8 +90,8 @@ def collect(model, pool: PromptPool, history: PassRateHistory, *, rl, params: Sa
     at most `rl.max_refill_rounds` rollout rounds. Returns fill_batch's result (kept groups and
     counters) and every sampled group (for the reward and length statistics).
 
-    Prompts are drawn on the host; tokens are sampled by a generator on the model's `device`
-    (torch.multinomial on CUDA probabilities refuses a CPU generator), both seeded from `seed`,
+    Prompts are drawn on the host; the sampler's seed comes from a generator on the model's
+    `device` (the engine hashes its noise on the device from it), both seeded from `seed`,
     which differs per step and DP rank, so rollouts are reproducible."""
     candidates = pool.draw(rl.prompts_per_step * rl.max_refill_rounds, history,
                            torch.Generator().manual_seed(seed))

@@ -31,7 +31,7 @@ from megatron_ext.models.gpt import build_gpt_chunks, build_model, model_vocab_s
 from megatron_ext.models.offload import offload_reference
 from megatron_ext.rl.algorithms import explained_variance, get_algorithm
 from megatron_ext.rl.buffer import TrajectoryBuffer
-from megatron_ext.rl.evaluation import heldout_accuracy
+from megatron_ext.rl.evaluation import describe, heldout_eval
 from megatron_ext.rl.experience import PromptPool, collect, rollout_stats
 from megatron_ext.rl.filtering import PassRateHistory
 from megatron_ext.rl.guard import RegressionGuard
@@ -62,17 +62,20 @@ class RLRecipe:
         self.tokenizer = build_tokenizer(cfg.data.tokenizer)
         self.vocab_size = model_vocab_size(cfg, self.tokenizer)
         self.algorithm = get_algorithm(rl.algorithm)
-        self.policy = trained_unit("model", cfg, topo, build_model(cfg, topo, self.vocab_size))
+        # every unit's weights are loaded in start() (init checkpoint or HF) or on resume
+        self.policy = trained_unit("model", cfg, topo,
+                                   build_model(cfg, topo, self.vocab_size, init=False))
         self.units: Dict[str, ModelUnit] = {"model": self.policy}
         self.shape = model_shape(cfg.model, self.vocab_size, self.policy.chunks)
         self.critic = self.reference = None
         if self.algorithm.uses_critic:
             self.critic = trained_unit("critic", critic_config(cfg), topo,
-                                       build_critic(cfg, topo, self.vocab_size))
+                                       build_critic(cfg, topo, self.vocab_size, init=False))
             self.units["critic"] = self.critic
         if rl.kl_coef > 0:  # the frozen reference policy: only when the KL is on
-            self.reference = ModelUnit("reference", build_gpt_chunks(cfg, topo, self.vocab_size),
-                                       topo, micro_batch_size=cfg.train.micro_batch_size,
+            chunks = build_gpt_chunks(cfg, topo, self.vocab_size, init=False)
+            self.reference = ModelUnit("reference", chunks, topo,
+                                       micro_batch_size=cfg.train.micro_batch_size,
                                        seq_length=cfg.train.seq_len).freeze()
         train, heldout = rl_problems(cfg, self.tokenizer)
         self.pool = PromptPool(train, self.tokenizer)
@@ -320,21 +323,20 @@ class RLRecipe:
 
     # -- evaluation -------------------------------------------------------------------------
     def evaluate(self, step: int) -> Optional[Dict]:
-        """Held-out answer accuracy by greedy generation (`accuracy`), beside the teacher-forced
-        held-out loss and exact match."""
-        topo = self.topo
+        """Held-out answer accuracy by greedy generation (`accuracy`, also `pass@1`; sampled
+        pass@1 and pass@k with rl.eval_k > 1), beside the teacher-forced held-out loss and
+        exact match."""
         lm = (heldout_lm(self.policy, self.heldout_rows, self.vocab_size)
               if self.heldout_rows is not None else None)
-        solved, count = heldout_accuracy(
-            self.policy.chunks, self.heldout, max_new_tokens=self.rl.max_new_tokens,
-            stop=self.rl.stop, tokenizer=self.tokenizer, vocab_size=self.vocab_size,
-            dp_rank=topo.dp_rank, dp_size=topo.dims.dp, tp_group=topo.tp_group,
-            pp_group=topo.pp_group, num_slots=self.rl.rollout_batch)
-        solved, count = collectives.reduce_floats([solved, count], contribute=self.policy.reports)
-        rec = {"step": step, "split": "eval", "accuracy": solved / max(count, 1.0),
-               "samples": int(count)}
+        rec = {"step": step, "split": "eval"} | heldout_eval(
+            self.policy.chunks, self.heldout, self.rl, tokenizer=self.tokenizer,
+            vocab_size=self.vocab_size, topo=self.topo, seed=self._seed("eval", step),
+            device=self.policy.device, contribute=self.policy.reports)
         line = (f"eval  step {step:>5} | held-out accuracy {rec['accuracy']:.1%} "
                 f"({rec['samples']} problems, greedy generation, answer checked)")
+        sampled = describe(rec, self.rl)
+        if sampled:
+            line += f" | {sampled}"
         if lm is not None:
             rec |= {"loss": lm["loss"], "exact_match": lm["exact_match"]}
             line += f" | exact match {lm['exact_match']:.1%} | held-out loss {lm['loss']:.4f}"

@@ -38,7 +38,9 @@ class SFTRecipe:
         self.vocab_size = model_vocab_size(cfg, self.tokenizer)
         self.train_rows, self.eval_rows = build_sources(cfg, topo, self.tokenizer)
         log(summary(self.train_rows))
-        self.policy = trained_unit("model", cfg, topo, build_model(cfg, topo, self.vocab_size))
+        # model=hf: start() loads the HF weights (or a resume the checkpoint's); none drawn
+        model = build_model(cfg, topo, self.vocab_size, init=not cfg.model.hf_path)
+        self.policy = trained_unit("model", cfg, topo, model)
         self.units = {"model": self.policy}
         self.shape = model_shape(cfg.model, self.vocab_size, self.policy.chunks)
         t = cfg.train

@@ -47,6 +47,16 @@ def reduce_floats(values: Sequence[float], group=None, op: str = "sum",
     return all_reduce(t, group, op).tolist()
 
 
+def gather_objects(obj, dst: int = 0, group: Optional[dist.ProcessGroup] = None):
+    """Every rank's `obj` (pickled; host objects), in group rank order, on global rank `dst`;
+    None on the other ranks."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size(group) if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst, group=group)  # torch picks the group's device
+    return out
+
+
 def broadcast_object(obj, src: int = 0, group: Optional[dist.ProcessGroup] = None):
     """`obj` of rank `src` on every rank (pickled; small host objects only)."""
     if not dist.is_initialized():

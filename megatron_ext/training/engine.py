@@ -20,7 +20,7 @@ import torch
 from megatron.core.optimizer import clip_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_ext.models.attention import document_mask
+from megatron_ext.models.attention import packed_attention_mask
 from megatron_ext.training import collectives
 from megatron_ext.training.optimizer import build_optimizer, build_scheduler
 from parallel.context import zigzag_split
@@ -80,10 +80,12 @@ class ModelUnit:
 
     def place(self, batch: Batch) -> Batch:
         """This rank's part of a `[b, s]` micro-batch on its device: with CP, the zigzag shard
-        of every tensor (megatron's CP RoPE expects exactly that split)."""
+        of every tensor (megatron's CP RoPE expects exactly that split) but the document ids,
+        which stay whole (ring attention masks every block pair from the whole row's)."""
         cp = self.topo.dims.cp
         if cp > 1:
-            batch = {k: zigzag_split(v, cp, self.topo.cp_rank, dim=1) for k, v in batch.items()}
+            batch = {k: v if k == "document_ids" else zigzag_split(v, cp, self.topo.cp_rank, dim=1)
+                     for k, v in batch.items()}
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def modules(self) -> List:
@@ -100,7 +102,7 @@ class ModelUnit:
             batch = next(data_iterator)
             docs = batch.get("document_ids")  # packed documents attend only within themselves
             out = model(batch["tokens"], batch["position_ids"],
-                        None if docs is None else document_mask(docs),
+                        None if docs is None else packed_attention_mask(docs, self.topo.dims.cp),
                         labels=batch["labels"] if labels else None)
             return out, functools.partial(output_fn, batch)
 

@@ -85,6 +85,7 @@ def run_layouts(rank, world_size, out_dir):
     from megatron_ext import compat
     from megatron_ext.config.load import compose_config
     from megatron_ext.config.validate import validate
+    from megatron_ext.models.init import initialize_weights
     from megatron_ext.models.reshard import gather_full_state, load_full_state
     from parallel import topology
 
@@ -105,6 +106,8 @@ def run_layouts(rank, world_size, out_dir):
             init_path = os.path.join(out_dir, f"{algo}_init.pt")
             models = _models(trainer)
             if world_size == 1:  # the reference layout writes the weights every layout loads
+                for m in models.values():  # the recipe leaves them to start()'s load
+                    initialize_weights(m, cfg.seed, trainer.vocab_size, topo)
                 with torch.no_grad():  # a non-zero value head, so the critic trunk gets grads
                     for chunk in models.get("critic", []):
                         if chunk.module.post_process:

@@ -2,10 +2,12 @@
 
 - vocab-parallel log-probs and entropy (values and gradients) equal the unsharded ones,
   including a padded vocab and a shard that is all padding; whitening over a group;
-- KV-cached rollouts through megatron's GPTModel at TP=1 (two DP ranks) and TP=2: the recorded
-  log-probs equal a full teacher-forced forward's, greedy decoding equals step-by-step greedy
-  decoding with a full recompute, TP ranks agree, seeds reproduce, stop strings and EOS
-  truncate; at PP=2 and PP=2 x VPP=2, from the same weights, the same rollouts as TP=1.
+- KV-cached rollouts of the continuous-batching engine through megatron's GPTModel at TP=1
+  (two DP ranks) and TP=2: the recorded log-probs equal a full teacher-forced forward's,
+  greedy decoding equals step-by-step greedy decoding with a full recompute (prompts of 2 to 45
+  tokens included), TP ranks agree, seeds reproduce whatever the slot count (refills), stop
+  strings and EOS truncate; at PP=2 and PP=2 x VPP=2 (pipelined decode), from the same
+  weights, the same rollouts as TP=1.
 """
 
 import torch
@@ -95,10 +97,11 @@ def _rollout_checks(chunks, topo, tok, prompts, reference):
     for c in chunks:
         c.eval()
 
-    def run(params, seed=None):
+    def run(params, seed=None, batch=None, num_slots=None):
         gen = None if seed is None else torch.Generator().manual_seed(seed)
-        return generate(model, group_prompts if params.temperature else prompts, tok, params,
-                        vocab_size=vocab, generator=gen, **groups)
+        batch = batch or (group_prompts if params.temperature else prompts)
+        return generate(model, batch, tok, params, vocab_size=vocab, generator=gen,
+                        num_slots=num_slots, **groups)
 
     # sampled: recorded log-probs == a full forward's, reproducible from the seed
     group_prompts = [p for p in prompts for _ in range(2)]
@@ -113,6 +116,10 @@ def _rollout_checks(chunks, topo, tok, prompts, reference):
         assert diff <= KV_TOL, f"{where}: rollout vs teacher-forced log-probs differ by {diff:.3g}"
     again = run(params, seed=100)
     assert torch.equal(again.tokens, out.tokens) and torch.equal(again.logprobs, out.logprobs)
+    # 3 slots for 8 prompts: refilled as rows finish, the same seed-determined samples
+    refilled = run(params, seed=100, num_slots=3)
+    assert torch.equal(refilled.tokens, out.tokens), where
+    assert (refilled.logprobs - out.logprobs).abs().max().item() <= TOL, where
     for group in (topo.tp_group, topo.pp_group):  # every rank holds the same rollout
         _same_on_all(out.tokens, group, where)
         _same_on_all(out.logprobs, group, where)
@@ -127,8 +134,19 @@ def _rollout_checks(chunks, topo, tok, prompts, reference):
         ref = _full_logprobs(model, greedy.tokens, topo, vocab, 1.0)
         mask = greedy.response_mask[:, 1:] > 0
         assert (ref - greedy.logprobs[:, 1:])[mask].abs().max().item() <= KV_TOL, where
+    # prompts of very different lengths (2 and 45 tokens) in one batch, 2 slots for 3 prompts
+    mixed_prompts = [prompts[0][:2], (prompts[1] * 4)[:45], prompts[2]]
+    mixed = run(SamplingParams(max_new_tokens=6, temperature=0), batch=mixed_prompts,
+                num_slots=2)
+    if whole:
+        for i, prompt in enumerate(mixed_prompts):
+            n = int(mixed.response_lens[i])
+            got = mixed.tokens[i, len(prompt):len(prompt) + n].tolist()
+            assert got == _greedy_by_recompute(model, prompt, 6, vocab, tok.eos_id), (where, i)
+    if topo.dims.pp > 1:
+        _check_pipeline_is_full(chunks, tok, group_prompts, topo)
     if reference:  # the same weights in another layout give the same rollouts
-        for got, want in zip((out, greedy), reference):
+        for got, want in zip((out, greedy, mixed), reference):
             assert torch.equal(got.tokens, want.tokens), where
             assert (got.logprobs - want.logprobs).abs().max().item() <= TOL, where
 
@@ -160,7 +178,33 @@ def _rollout_checks(chunks, topo, tok, prompts, reference):
     assert ended.response_lens.tolist() == [1] * len(prompts)
     assert [row[len(p)] for row, p in zip(ended.tokens.tolist(), prompts)] == [tok.eos_id] * len(
         prompts)
-    return out, greedy
+    return out, greedy, mixed
+
+
+def _check_pipeline_is_full(chunks, tok, prompts, topo):
+    """Pipelined decode: with the slots in S = pp * vpp groups every chunk of every rank runs a
+    pass on every tick but the pipeline's fill and drain (a static batch would keep each stage
+    busy one tick in S)."""
+    from megatron_ext.models.generate import Engine, SamplingParams
+
+    engine = Engine(chunks, tok, SamplingParams(max_new_tokens=10, temperature=0),
+                    vocab_size=tok.vocab_size, num_slots=len(prompts),
+                    max_len=max(map(len, prompts)) + 10, tp_group=topo.tp_group,
+                    pp_group=topo.pp_group)
+    busy, decoder = set(), engine.decoder
+
+    def counting(v, *args):
+        busy.add((v, engine.tick))
+        return decoder(v, *args)
+    engine.decoder = counting
+    for p in prompts:
+        engine.add_request(p)
+    engine.drain()
+    engine.release()
+    stages = engine.stages
+    for v in range(len(chunks)):
+        ticks = sum(1 for chunk, _ in busy if chunk == v)
+        assert ticks >= engine.tick - 2 * stages - 1, (topo.dims, v, ticks, engine.tick)
 
 
 LAYOUTS = [  # (tp, pp, vpp); TP=1 first: it is the reference of the others

@@ -214,4 +214,4 @@ def test_config_and_layer_spec_follow_the_backend():
     with pytest.raises(ConfigError, match="model.attention_backend='xla' is not one of auto"):
         core(["model.attention_backend=xla"])
     with pytest.raises(ValueError, match="attention_backend=flash but flash_attn"):
-        core(["model.attention_backend=flash"])
+        core(["model.attention_backend=flash", "data.isolate_documents=false"])

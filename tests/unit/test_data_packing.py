@@ -1,5 +1,6 @@
 """Packed rows with isolated documents: document numbers, positions restarting at 0, no loss on
-a target of the next document, the block-diagonal causal mask, and the config rule."""
+a target of the next document, the block-diagonal causal mask (dense at CP=1, the whole row's
+ids for ring attention under CP), isolation on by default, and the config rule."""
 import pytest
 import torch
 
@@ -9,7 +10,7 @@ from megatron_ext.config.validate import validate
 from megatron_ext.data.dataset import TokenRows
 from megatron_ext.data.examples import Example
 from megatron_ext.data.packing import document_positions, pack_documents
-from megatron_ext.models.attention import document_mask
+from megatron_ext.models.attention import document_mask, packed_attention_mask, resolve_backend
 
 
 def test_rows_carry_documents_positions_and_masks():
@@ -31,11 +32,29 @@ def test_document_mask_is_causal_within_documents():
     assert (~masked[0, 0]).int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
 
 
-def test_isolation_needs_an_attention_that_takes_the_mask():
-    with pytest.raises(ConfigError, match="data.isolate_documents=true masks attention per "
-                                          "packed document, which model.attention_backend=auto"):
-        validate(compose_config(["data.isolate_documents=true"]), 1)
-    with pytest.raises(ConfigError, match="parallel.cp=2 does not do"):
-        validate(compose_config(["data.isolate_documents=true", "model.attention_backend=sdpa",
-                                 "parallel.cp=2"]), 2)
-    validate(compose_config(["data.isolate_documents=true", "model.attention_backend=sdpa"]), 1)
+def test_isolation_is_the_default_and_needs_an_attention_that_takes_the_mask(monkeypatch):
+    cfg = compose_config([])  # data.pack=true: packing without contamination
+    validate(cfg, 1)
+    assert cfg.data.isolate_documents and cfg.isolates_documents
+    assert not compose_config(["data.isolate_documents=false"]).isolates_documents
+    assert not compose_config(["data.pack=false"]).isolates_documents
+    for backend in ("flash", "te"):
+        with pytest.raises(ConfigError, match="data.isolate_documents=true masks attention per "
+                                              f"packed document, which model.attention_backend="
+                                              f"{backend} does not do at parallel.cp=1"):
+            validate(compose_config([f"model.attention_backend={backend}"]), 1)
+    validate(compose_config(["model.attention_backend=flash", "data.isolate_documents=false"]), 1)
+    for backend in ("auto", "sdpa", "local"):
+        validate(compose_config([f"model.attention_backend={backend}"]), 1)
+        validate(compose_config([f"model.attention_backend={backend}", "parallel.cp=2"]), 2)
+    import megatron_ext.compat as compat  # auto on a TE/flash machine: sdpa takes the mask
+
+    monkeypatch.setattr(compat, "has_transformer_engine", lambda: True)
+    assert resolve_backend("auto", "bf16", documents=True) == "sdpa"
+    assert resolve_backend("auto", "bf16") == "te"
+
+
+def test_packed_attention_mask_is_dense_at_cp1_and_ids_under_cp():
+    docs = torch.tensor([[0, 0, 1, 1]])
+    assert torch.equal(packed_attention_mask(docs, 1), document_mask(docs))
+    assert packed_attention_mask(docs, 2) is docs

@@ -11,9 +11,8 @@ import torch.distributed as dist
 from megatron_ext.config.fields import ConfigError, check_fields
 from megatron_ext.config.rl import RLConfig, check_rl
 from megatron_ext.config.schema import GenerateConfig
-from megatron_ext.models.generate import SamplingParams
 from megatron_ext.models.offload import HostWeights, blocks, offload_reference
-from megatron_ext.models.slots import generate_in_slots
+from megatron_ext.models.generate import SamplingParams, generate
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +35,11 @@ def recipe(tmp_path_factory):
                           f"rl.init_checkpoint={run}", f"run.dir={run}"])
     topo = topology.initialize(validate(cfg, 1), seed=cfg.seed)
     logged = []
-    yield RLRecipe(cfg, topo, logged.append), logged
+    recipe = RLRecipe(cfg, topo, logged.append)  # built for a checkpoint load: not drawn
+    from megatron_ext.models.init import initialize_weights
+    for unit in (recipe.policy, recipe.reference):
+        initialize_weights(unit.chunks, cfg.seed, recipe.vocab_size, topo)
+    yield recipe, logged
     ps.destroy_model_parallel()
     dist.destroy_process_group()
 
@@ -59,22 +62,23 @@ def test_generation_in_slots_equals_one_batch(recipe):
     prompts = recipe.pool.prompts[:7]
     greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
     kw = dict(vocab_size=recipe.vocab_size, generator=None)
-    whole = generate_in_slots(model, prompts, tok, greedy, num_slots=7, **kw)
+    whole = generate(model, prompts, tok, greedy, num_slots=7, **kw)
     for slots in (1, 3):
-        part = generate_in_slots(model, prompts, tok, greedy, num_slots=slots, **kw)
+        part = generate(model, prompts, tok, greedy, num_slots=slots, **kw)
         assert part.texts == whole.texts and part.finish_reasons == whole.finish_reasons
         assert torch.equal(part.tokens, whole.tokens)
         assert torch.equal(part.response_lens, whole.response_lens)
         assert torch.allclose(part.logprobs, whole.logprobs, atol=1e-5)
-    with pytest.raises(ValueError, match="num_slots=0 must be >= 1"):
-        generate_in_slots(model, prompts, tok, greedy, num_slots=0, **kw)
+    with pytest.raises(ValueError, match="num_slots=0 and check_every=4 must be >= 1"):
+        generate(model, prompts, tok, greedy, num_slots=0, **kw)
 
-    from megatron_ext.rl.evaluation import heldout_accuracy
-    scores = {slots: heldout_accuracy(
-        model, recipe.heldout, max_new_tokens=6, stop=(), tokenizer=tok,
-        vocab_size=recipe.vocab_size, dp_rank=0, dp_size=1, tp_group=None, pp_group=None,
-        num_slots=slots) for slots in (2, len(recipe.heldout))}
-    assert scores[2] == scores[len(recipe.heldout)] and scores[2][1] == len(recipe.heldout)
+    from megatron_ext.rl.evaluation import heldout_eval
+    scores = {slots: heldout_eval(
+        model, recipe.heldout, dataclasses.replace(recipe.rl, rollout_batch=slots, max_new_tokens=6),
+        tokenizer=tok, vocab_size=recipe.vocab_size, topo=recipe.topo, seed=0,
+        device=recipe.policy.device, contribute=True) for slots in (2, len(recipe.heldout))}
+    assert scores[2] == scores[len(recipe.heldout)]
+    assert scores[2]["samples"] == len(recipe.heldout)
 
 
 def test_reference_streamed_from_host_gives_identical_logprobs(recipe):

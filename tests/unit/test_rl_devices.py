@@ -75,7 +75,7 @@ def test_the_sampling_generator_is_made_on_the_models_device(monkeypatch):
         seen.append(generator.device)
         raise StopIteration  # enough: the generator is what this test is about
 
-    monkeypatch.setattr(experience, "generate_in_slots", fake_generate)
+    monkeypatch.setattr(experience, "generate", fake_generate)
     tok = ByteTokenizer()
     pool = experience.PromptPool(ArithmeticTask(0, 1, 1, 4).take(8, "train"), tok)
     rl = RLConfig(prompts_per_step=2, group_size=2)

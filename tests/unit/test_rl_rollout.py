@@ -1,8 +1,9 @@
 """The rollout loop against a scripted stand-in model: prompts of different lengths, EOS, stop
 strings, the length limit, padding columns, and the sampler (greedy, top-p, seeding). The real
-megatron model (KV cache vs full recompute, TP=1 and TP=2) is in tests/dist/test_rl_rollout.py."""
+megatron model (KV cache vs full recompute, TP=1 and TP=2) is in tests/dist/test_rl_rollout.py;
+the engine's schedule (slots, refills, checks) in tests/unit/test_generate_engine.py."""
 
-import types
+import math
 
 import pytest
 import torch
@@ -10,48 +11,33 @@ import torch
 from megatron_ext.data.tokenizer import ByteTokenizer
 from megatron_ext.models.generate import SamplingParams, _sample, generate
 
+from ._scripted import ScriptedModel, use_scripted
+
 TOK = ByteTokenizer()
 PADDED_VOCAB = 384  # megatron pads 259 up to a multiple of 128
 
 
-class ScriptedModel(torch.nn.Module):
-    """Predicts script[i][j] as response token j of row i (logit 30, the rest 0), and puts a
-    logit of 100 on the padding columns, which the rollout must never sample. Checks that it
-    is fed each row's own prompt at the right positions."""
-
-    pre_process = post_process = True
-    max_sequence_length = 1000
-    config = types.SimpleNamespace(sequence_parallel=False)
-
-    def __init__(self, prompts, scripts):
-        super().__init__()
-        self.anchor = torch.nn.Parameter(torch.zeros(1))
-        self.prompts, self.scripts, self.calls = prompts, scripts, 0
-
-    def forward(self, tokens, positions, mask, *, inference_context, runtime_gather_output):
-        assert mask is None and runtime_gather_output and not self.training
-        b, s = tokens.shape
-        offset = inference_context.sequence_len_offset
-        assert torch.equal(positions, torch.arange(offset, offset + s).expand(b, -1))
-        logits = torch.zeros(b, 1, PADDED_VOCAB)
-        logits[..., TOK.vocab_size:] = 100.0
-        for i, (prompt, script) in enumerate(zip(self.prompts, self.scripts)):
-            for col in range(s):
-                if offset + col < len(prompt):
-                    assert tokens[i, col] == prompt[offset + col]
-            j = offset + s - len(prompt)  # response index of the token predicted next
-            logits[i, 0, script[j] if 0 <= j < len(script) else TOK.pad_id] = 30.0
-        self.calls += 1
+def scripted(prompts, scripts):
+    """Predicts script[i][j] as response token j of prompt i (logit 30, the rest 0), and puts a
+    logit of 100 on the padding columns, which the rollout must never sample."""
+    def logits_of(tokens):
+        logits = torch.zeros(PADDED_VOCAB)
+        logits[TOK.vocab_size:] = 100.0
+        i = next(i for i, p in enumerate(prompts) if tokens[:len(p)] == p)
+        j = len(tokens) - len(prompts[i])
+        logits[scripts[i][j] if j < len(scripts[i]) else TOK.pad_id] = 30.0
         return logits
+    return ScriptedModel(logits_of)
 
 
-def test_rollout_truncates_at_eos_stop_and_length():
+def test_rollout_truncates_at_eos_stop_and_length(monkeypatch):
+    use_scripted(monkeypatch)
     prompts = [TOK.encode(p) for p in ("Q: 1+2\n", "Q: 12*3+4\n", "Q\n", "Q: 5\n")]
     scripts = [TOK.encode("1+2=3\nA: 3\n") + [TOK.eos_id],
                TOK.encode("12*3=36\nSTOP and more"),
                TOK.encode("abcdefghijklmnop"),
                TOK.encode("xy\n\nQ: again")]
-    model = ScriptedModel(prompts, scripts).train()
+    model = scripted(prompts, scripts).train()
     params = SamplingParams(max_new_tokens=12, temperature=1.0, stop=("\nQ:", "STOP"))
     out = generate(model, prompts, TOK, params, vocab_size=TOK.vocab_size,
                    generator=torch.Generator().manual_seed(0))
@@ -71,27 +57,40 @@ def test_rollout_truncates_at_eos_stop_and_length():
             len(row) - end)
     resp = out.response_mask > 0
     assert (out.logprobs[resp] > -1e-9).all() and (out.logprobs[~resp] == 0).all()
-    assert model.calls == out.tokens.shape[1] - min(len(p) for p in prompts)
+    # every prompt prefilled once, in one pass; then one decode call per token
+    assert sorted(p for _, p in model.prefills) == sorted(prompts)
+    assert model.decode_calls == max(len(r) for r in want_resp) - 1
 
 
 def test_sampler_greedy_top_p_and_seed():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
-    token, logp = _sample(logits, SamplingParams(temperature=0), None)
+    n = 4000
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = torch.log(probs).repeat(n, 1)
+    rows, steps = torch.arange(n), torch.zeros(n, dtype=torch.long)
+    token, logp = _sample(logits, SamplingParams(temperature=0), 0, rows, steps)
     assert (token == 0).all() and torch.allclose(logp, torch.log(torch.tensor(0.5)))
-    gen = torch.Generator().manual_seed(1)
-    token, logp = _sample(logits, SamplingParams(top_p=0.7), gen)
+    token, logp = _sample(logits, SamplingParams(top_p=0.7), 1, rows, steps)
     assert set(token.tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.5 + 0.3: the nucleus is {0, 1}
     # the recorded log-prob is the tempered softmax's, without the top-p cut (as verl)
-    assert torch.allclose(logp, torch.log(torch.tensor([0.5, 0.3]))[token])
-    token, _ = _sample(logits, SamplingParams(temperature=2.0), gen)
+    assert torch.allclose(logp, torch.log(probs[:2])[token])
+    share = (token == 0).float().mean().item()  # 0.5 / 0.8 of the nucleus
+    assert abs(share - 0.625) < 4 * math.sqrt(0.625 * 0.375 / n)
+    token, _ = _sample(logits, SamplingParams(), 2, rows, steps)
+    freq = torch.bincount(token, minlength=4).float() / n
+    assert ((freq - probs).abs() < 4 * (probs * (1 - probs) / n).sqrt()).all(), freq
+    token, _ = _sample(logits, SamplingParams(temperature=2.0), 3, rows, steps)
     assert set(token.tolist()) == {0, 1, 2, 3}
-    a = _sample(logits, SamplingParams(), torch.Generator().manual_seed(5))[0]
-    b = _sample(logits, SamplingParams(), torch.Generator().manual_seed(5))[0]
-    assert torch.equal(a, b)
+    # the noise is a function of (seed, request, step): the same for the same triple
+    a = _sample(logits, SamplingParams(), 5, rows, steps)[0]
+    assert torch.equal(a, _sample(logits, SamplingParams(), 5, rows, steps)[0])
+    assert not torch.equal(a, _sample(logits, SamplingParams(), 6, rows, steps)[0])
+    assert not torch.equal(a, _sample(logits, SamplingParams(), 5, rows, steps + 1)[0])
+    assert torch.equal(a[1:], _sample(logits[1:], SamplingParams(), 5, rows[1:], steps[1:])[0])
 
 
-def test_rollout_rejects_bad_requests():
-    model = ScriptedModel([[1]], [[2]])
+def test_rollout_rejects_bad_requests(monkeypatch):
+    use_scripted(monkeypatch)
+    model = scripted([[1]], [[2]])
     gen = torch.Generator()
     with pytest.raises(ValueError, match="non-empty"):
         generate(model, [[1], []], TOK, SamplingParams(), vocab_size=259, generator=gen)

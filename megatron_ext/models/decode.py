@@ -1,0 +1,340 @@
+"""The lean KV-cached forward of this rank's model chunks, indexed by sequence slot, for the
+generation engine (models/generate.py).
+
+Why not megatron's inference path: its static context holds one batch whose rows all sit at
+the same offset, and every token walks GPTModel.forward, TransformerBlock and the layer with
+their inference bookkeeping, which on a small model costs more than the arithmetic. Here a
+call runs any set of slots, each at its own position (prefill of right-padded prompts, decode
+of one token, or a mix), with the very parameters being trained (no copy, no weight sync),
+through megatron's own modules: the embedding, the norms (QK-norm included), the output layer
+with its TP gather, the bias-dropout-adds, and the MLP activation (our fused SwiGLU when
+configured). Megatron's local Column/RowParallelLinear (the QKV, output projection and MLP
+linears) run as the F.linear (+ TP all-reduce for the row-parallel ones) they are in eval, and
+megatron's MLP as its fc1 -> activation -> fc2: their module, autograd-function and
+process-group bookkeeping cost more than the matmuls of a decode step. Any other linear or MLP
+class (TE's), or a module with hooks, is called as the module.
+Attention is done here: RoPE at the given positions with megatron's rotary table (llama3 /
+linear scaling included) and its rotate-half convention, the new K/V written into the slots'
+cache rows, and torch SDPA over the slot's cached prefix and the new tokens.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.common.embeddings.rope_utils import _rotate_half
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLP
+
+
+def _unwrap(chunk):
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _layers(models):
+    return [layer for model in models for layer in model.decoder.layers]
+
+
+def _refuse_unsupported(model) -> None:
+    """Clear errors for what this forward does not implement, instead of wrong logits."""
+    c = model.config
+    rules = [
+        (c.sequence_parallel, "sequence_parallel=True (a decode step is one token, which "
+                              "sequence parallelism cannot split); build the generation model "
+                              "with sequence_parallel=False"),
+        (c.context_parallel_size > 1, f"context_parallel_size={c.context_parallel_size}; "
+                                      "generate with parallel.cp=1"),
+        (c.multi_latent_attention, "multi_latent_attention=True"),
+        (c.attention_output_gate, "attention_output_gate=True"),
+        (c.num_moe_experts, f"num_moe_experts={c.num_moe_experts} (dense MLPs only)"),
+        (c.no_rope_freq, "no_rope_freq is set (RoPE on every layer only)"),
+        (c.softmax_type != "vanilla", f"softmax_type={c.softmax_type!r}"),
+        (c.window_size is not None, f"window_size={c.window_size}"),
+        (model.position_embedding_type not in ("rope", "learned_absolute", "none"),
+         f"position_embedding_type={model.position_embedding_type!r}"),
+    ]
+    broken = [rule for bad, rule in rules if bad]
+    if broken:
+        raise NotImplementedError(f"ChunkDecoder does not support {'; '.join(broken)}")
+
+
+def _plain(module) -> bool:
+    return not (module._forward_hooks or module._forward_pre_hooks)
+
+
+def _lean_linear(linear):
+    """x -> (output, bias to add later) as the megatron linear computes it in eval."""
+    if not _plain(linear) or getattr(linear, "sequence_parallel", False):
+        return linear
+    if type(linear) is ColumnParallelLinear and not linear.gather_output:
+        def column(x):
+            bias = linear.bias
+            if linear.skip_bias_add:
+                return F.linear(x, linear.weight), bias
+            return F.linear(x, linear.weight, bias), None
+        return column
+    if (type(linear) is RowParallelLinear and linear.input_is_parallel
+            and not linear.explicit_expert_comm):
+        group = linear.tp_group
+        reduce = group is not None and group.size() > 1
+
+        def row(x):
+            out = F.linear(x, linear.weight)
+            if reduce:
+                dist.all_reduce(out, group=group)
+            bias = linear.bias
+            if linear.skip_bias_add or bias is None:
+                return out, bias
+            return out + bias, None
+        return row
+    return linear
+
+
+def _lean_mlp(mlp):
+    """x -> (output, bias): megatron's MLP.forward for the dense (gated) MLP of our layer
+    specs, whose activation is our fused SwiGLU module or megatron's glu with silu."""
+    c = mlp.config
+    fc1, fc2 = _lean_linear(mlp.linear_fc1), _lean_linear(mlp.linear_fc2)
+    plain = type(mlp) is MLP and _plain(mlp) and fc1 is not mlp.linear_fc1 and (
+        fc2 is not mlp.linear_fc2)
+    if not plain or c.bias_activation_fusion:
+        return mlp
+    if c.use_te_activation_func:
+        activation = mlp.activation_func
+    elif (c.gated_linear_unit and c.activation_func_clamp_value is None
+          and c.glu_linear_offset == 0.0):
+        def activation(x):
+            gate, linear = torch.chunk(x, 2, dim=-1)
+            return c.activation_func(gate) * linear
+    elif not c.gated_linear_unit:
+        activation = mlp.activation_func
+    else:
+        return mlp
+
+    def run(x):
+        x, bias = fc1(x)
+        if bias is not None:
+            x = x + bias
+        return fc2(activation(x))
+    return run
+
+
+class SlotCache:
+    """K and V of this rank's layers for `num_slots` sequences of up to `max_len` tokens.
+
+    `kv`: `[layers, num_slots, max_len + 1, 2 (K, V), kv_heads_per_tp_rank, head_dim]` on the
+    model's device and dtype, layers in the order of the chunks (virtual stages) and their
+    decoder layers; K and V side by side, so a layer writes and gathers them in one op each.
+    Column `max_len` is scratch: the right padding of a call writes there, so it never
+    clobbers a cached position and no host sync picks the valid tokens."""
+
+    def __init__(self, chunks, num_slots: int, max_len: int):
+        if num_slots < 1 or max_len < 1:
+            raise ValueError(f"num_slots={num_slots} and max_len={max_len} must be >= 1")
+        models = [_unwrap(c) for c in chunks]
+        limit = models[0].max_sequence_length
+        if max_len > limit:
+            raise ValueError(f"max_len={max_len} exceeds the model's max_sequence_length="
+                             f"{limit}; generate shorter sequences")
+        layers = _layers(models)
+        attention = layers[0].self_attention
+        weight = attention.linear_qkv.weight
+        self.num_slots, self.max_len = num_slots, max_len
+        self.layer_index = {id(layer): i for i, layer in enumerate(layers)}
+        shape = (len(layers), num_slots, max_len + 1, 2,
+                 attention.num_query_groups_per_partition, attention.hidden_size_per_attention_head)
+        self.kv = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+
+    def release(self) -> None:
+        """Free the cache memory (before a training step); the cache cannot be used after."""
+        self.kv = None
+
+    def check(self) -> None:
+        if self.kv is None:
+            raise RuntimeError("the SlotCache was released; make a new one to generate again")
+
+
+class _Layer:
+    """One TransformerLayer in eval mode, its pieces resolved once."""
+
+    def __init__(self, layer, index: int, add):
+        attention = layer.self_attention
+        self.index, self.add, self.dropout = index, add, layer.hidden_dropout
+        self.norm1, self.norm2 = layer.input_layernorm, layer.pre_mlp_layernorm
+        self.attention = attention
+        self.qkv = _lean_linear(attention.linear_qkv)
+        self.proj = _lean_linear(attention.linear_proj)
+        self.mlp = _lean_mlp(layer.mlp)
+        self.heads = attention.num_attention_heads_per_partition
+        self.groups = attention.num_query_groups_per_partition
+        self.head_dim = attention.hidden_size_per_attention_head
+        # megatron's own split where KV heads are fewer than TP ranks (it all-gathers them)
+        self.own_split = (self.qkv is not attention.linear_qkv
+                          and layer.config.num_query_groups >= attention.world_size)
+
+    def qkv_heads(self, x):
+        """[t, n, h] -> q [t, n, heads, d], k and v [t, n, groups, d], as megatron splits its
+        QKV output: per query group [its q heads, k, v], then Q/K norms."""
+        attention = self.attention
+        if not self.own_split:
+            return attention.get_query_key_value_tensors(x)
+        mixed, _ = self.qkv(x)
+        t, n = x.shape[:2]
+        d, per_group = self.head_dim, self.heads // self.groups
+        mixed = mixed.view(t, n, self.groups, (per_group + 2) * d)
+        query, key, value = torch.split(mixed, [per_group * d, d, d], dim=3)
+        query = query.reshape(t, n, self.heads, d)
+        if attention.q_layernorm is not None:
+            query = attention.q_layernorm(query)
+        if attention.k_layernorm is not None:
+            key = attention.k_layernorm(key)
+        return query, key, value
+
+    def __call__(self, hidden, attend):
+        query, key, value = self.qkv_heads(self.norm1(hidden))
+        out = self.proj(attend(self.index, query, key, value))
+        hidden = self.add(out, hidden, self.dropout)
+        out = self.mlp(self.norm2(hidden))
+        return self.add(out, hidden, self.dropout)
+
+
+class ChunkDecoder:
+    """Runs this rank's chunks (as build_gpt_chunks returns them, DDP-wrapped or not) on a
+    batch of slots of a SlotCache. Calls run under no_grad and do not change the chunks'
+    training flag: put them in eval mode (the layers' bias-dropout-adds run without dropout
+    anyway; the embedding's dropout follows the flag)."""
+
+    def __init__(self, chunks, cache: SlotCache):
+        self.models = [_unwrap(c) for c in chunks]
+        for model in self.models:
+            _refuse_unsupported(model)
+        layers = _layers(self.models)
+        if len(cache.layer_index) != len(layers) or any(
+                id(layer) not in cache.layer_index for layer in layers):
+            raise ValueError("the SlotCache was made for other chunks; make it from the same "
+                             "chunks as the ChunkDecoder")
+        self.cache = cache
+        model = self.models[0]
+        config = model.config
+        self.scale = config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
+        self.interleaved = config.rotary_interleaved
+        add = get_bias_dropout_add(False, config.bias_dropout_fusion)
+        self.layers = [[_Layer(layer, cache.layer_index[id(layer)], add)
+                        for layer in m.decoder.layers] for m in self.models]
+        rotary = getattr(model, "rotary_pos_emb", None)
+        # [max_len + 1, 1, d]: the frequencies training uses at every position (a table of
+        # megatron's rotary module, whose get_emb applies the llama3 / linear scaling)
+        self.rope = (rotary.get_emb(cache.max_len + 1)[:, 0]
+                     if model.position_embedding_type == "rope" else None)
+
+    @torch.no_grad()
+    def forward(self, v: int, inputs, slots: torch.Tensor, positions: torch.Tensor,
+                lengths: torch.Tensor, kv_len: Optional[int] = None) -> torch.Tensor:
+        """Run chunk v on a batch of n slots.
+
+        inputs: token ids `[n, t]` (long) if chunk v is pre_process, else the previous stage's
+        hidden `[t, n, h]` (megatron layout). slots: `[n]` slot of each row (distinct).
+        positions: `[n, t]` absolute positions (prefill: 0..t-1, right-padded; decode: t=1,
+        the slot's current length; a continued prefill: the next positions). lengths: `[n]`
+        valid tokens of each row in this call (>= 1; right padding beyond, whose positions
+        may be anything). Writes K/V of the valid positions into the slots' cache rows and
+        attends causally to the slot's cached prefix and the new tokens.
+        kv_len: how many cache positions to attend over, at least every row's last position
+        + 1 (the engine knows it); None computes it from the tensors, a host sync on GPU.
+        Returns hidden `[t, n, h]` for a non-last chunk, or fp32 logits `[n, vocab]` of each
+        row's LAST valid position gathered over TP when chunk v is the post_process chunk;
+        vocab is megatron's padded vocab (model.vocab_size): cut it to the real one to sample.
+        """
+        self.cache.check()
+        model = self.models[v]
+        n, t = positions.shape
+        if slots.shape != (n,) or lengths.shape != (n,):
+            raise ValueError(f"slots {tuple(slots.shape)} and lengths {tuple(lengths.shape)} "
+                             f"must both be [n] = [{n}] for positions {tuple(positions.shape)}")
+        last = lengths - 1
+        if kv_len is None:
+            kv_len = int(positions.gather(1, last[:, None]).max()) + 1
+            if kv_len > self.cache.max_len:
+                raise ValueError(f"a position reaches {kv_len - 1}, beyond the cache's "
+                                 f"max_len={self.cache.max_len}")
+        elif not 1 <= kv_len <= self.cache.max_len:
+            raise ValueError(f"kv_len={kv_len} must be in [1, max_len={self.cache.max_len}]")
+        if model.pre_process:
+            if inputs.shape != (n, t):
+                raise ValueError(f"chunk {v} takes token ids [n, t] = [{n}, {t}], got "
+                                 f"{tuple(inputs.shape)}")
+            # learned positions: the padding's positions may lie past the table
+            hidden = model.embedding(input_ids=inputs,
+                                     position_ids=positions.clamp(0, self.cache.max_len - 1))
+        else:
+            if inputs.shape[:2] != (t, n):
+                raise ValueError(f"chunk {v} takes the previous stage's hidden [t, n, h] = "
+                                 f"[{t}, {n}, h], got {tuple(inputs.shape)}")
+            hidden = inputs
+        attend = _Attend(self, slots, positions, lengths, kv_len, hidden.dtype)
+        for layer in self.layers[v]:
+            hidden = layer(hidden, attend)
+        norm = model.decoder.final_layernorm
+        if not model.post_process:
+            return hidden if norm is None else norm(hidden)
+        hidden = hidden[last, torch.arange(n, device=hidden.device)][None]  # [1, n, h]
+        if norm is not None:
+            hidden = norm(hidden)
+        weight = (model.shared_embedding_or_output_weight()
+                  if model.share_embeddings_and_output_weights else None)
+        logits, _ = model.output_layer(hidden, weight=weight, runtime_gather_output=True)
+        return logits[0].float()
+
+    __call__ = forward
+
+
+class _Attend:
+    """The attention of every layer in one call, and what they share: the RoPE cos/sin of
+    each token, its cache address, the causal key mask."""
+
+    def __init__(self, decoder: ChunkDecoder, slots, positions, lengths, kv_len: int, dtype):
+        cache = decoder.cache
+        device = positions.device
+        n, t = positions.shape
+        where = positions.clamp(0, cache.max_len)
+        if decoder.rope is not None:
+            freqs = decoder.rope[where.t()]  # [t, n, 1, d], as megatron's apply_rotary_pos_emb
+            self.cos, self.sin = torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
+        self.rotary, self.interleaved = decoder.rope is not None, decoder.interleaved
+        valid = torch.arange(t, device=device)[None] < lengths[:, None]
+        width = cache.max_len + 1
+        # flat rows of a [num_slots * (max_len + 1)] view; padding goes to the scratch column
+        self.rows = (slots[:, None] * width + torch.where(valid, positions, cache.max_len)).view(-1)
+        self.slots = slots
+        keys = torch.arange(kv_len, device=device)
+        self.mask = (keys <= where[:, :, None])[:, None]  # [n, 1, t, kv_len]
+        self.kv_len, self.cache, self.scale = kv_len, cache, decoder.scale
+
+    def _rope(self, x):
+        """megatron's _apply_rotary_pos_emb_bshd with this call's cos/sin (mscale 1)."""
+        rot = self.cos.shape[-1]
+        if rot < x.shape[-1]:  # rotary_percent < 1: the rest passes through
+            return torch.cat((self._rope(x[..., :rot]), x[..., rot:]), dim=-1)
+        return x * self.cos + _rotate_half(x, self.interleaved) * self.sin
+
+    def __call__(self, index: int, query, key, value):
+        """query [t, n, heads, d], key and value [t, n, groups, d] -> [t, n, heads * d]."""
+        if self.rotary:
+            query, key = self._rope(query), self._rope(key)
+        t, n, heads, d = query.shape
+        cache = self.cache.kv[index]  # [slots, max_len + 1, 2, groups, d]
+        new = torch.stack((key, value), dim=2).transpose(0, 1).to(cache.dtype)  # [n, t, 2, g, d]
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, self.rows,
+                                                     new.reshape(n * t, *new.shape[2:]))
+        both = cache[:, :self.kv_len].index_select(0, self.slots)  # [n, kv_len, 2, groups, d]
+        keys, values = both[:, :, 0].transpose(1, 2), both[:, :, 1].transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            query.permute(1, 2, 0, 3), keys, values, attn_mask=self.mask, scale=self.scale,
+            enable_gqa=keys.shape[1] != heads)
+        return out.permute(2, 0, 1, 3).reshape(t, n, heads * d)
