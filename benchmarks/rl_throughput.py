@@ -109,24 +109,10 @@ def _byte_tokenizer():
     return fast
 
 
-def trl_worker(spec_path: str) -> None:
-    spec = json.load(open(spec_path))
-    import torch
-    torch.set_num_threads(spec["threads"])
-    import datasets
-    import transformers
-    import trl
-    from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    task = _load_task_module()
-    tokenizer = _byte_tokenizer()
-    ids = tokenizer(spec["prompts"][0])["input_ids"]
-    assert ids == [BOS] + list(spec["prompts"][0].encode()), ids  # same ids as our pool's
-
-    m = spec["model"]
-    torch.manual_seed(spec["seed"])
-    config = LlamaConfig(
+def llama_config(m: dict):
+    """A LlamaConfig of the shape `m` (tiny_shape's fields) with our byte token ids."""
+    from transformers import LlamaConfig
+    return LlamaConfig(
         vocab_size=VOCAB_PADDED, hidden_size=m["hidden_size"],
         intermediate_size=m["ffn_hidden_size"], num_hidden_layers=m["num_layers"],
         num_attention_heads=m["num_attention_heads"], num_key_value_heads=m["num_query_groups"],
@@ -136,6 +122,36 @@ def trl_worker(spec_path: str) -> None:
         tie_word_embeddings=m["tie_embeddings"], attention_bias=False, mlp_bias=False,
         initializer_range=m["init_method_std"], bos_token_id=BOS, eos_token_id=EOS,
         pad_token_id=PAD)
+
+
+def tiny_shape() -> dict:
+    """The `tiny` preset's shape fields (configs/model/tiny.yaml over the schema defaults)."""
+    from megatron_ext.config.schema import ModelConfig
+    from omegaconf import OmegaConf
+    m = ModelConfig()
+    tiny = OmegaConf.load(os.path.join(ROOT, "configs", "model", "tiny.yaml"))
+    return {k: tiny.get(k, getattr(m, k)) for k in (
+        "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+        "ffn_hidden_size", "rotary_base", "norm_epsilon", "tie_embeddings", "init_method_std")}
+
+
+def trl_worker(spec_path: str) -> None:
+    spec = json.load(open(spec_path))
+    import torch
+    torch.set_num_threads(spec["threads"])
+    import datasets
+    import transformers
+    import trl
+    from transformers import LlamaForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    task = _load_task_module()
+    tokenizer = _byte_tokenizer()
+    ids = tokenizer(spec["prompts"][0])["input_ids"]
+    assert ids == [BOS] + list(spec["prompts"][0].encode()), ids  # same ids as our pool's
+
+    torch.manual_seed(spec["seed"])
+    config = llama_config(spec["model"])
     model = LlamaForCausalLM(config).float()
     params = sum(p.numel() for p in model.parameters())
 
@@ -243,11 +259,10 @@ def main() -> None:
         return trl_worker(args.trl_worker)
 
     sys.path.insert(0, ROOT)
-    from megatron_ext.config.schema import ModelConfig, TrainConfig
+    from megatron_ext.config.schema import TrainConfig
     from megatron_ext.data.task import ArithmeticTask
     from megatron_ext.data.tokenizer import ByteTokenizer
     from megatron_ext.rl.experience import PromptPool
-    from omegaconf import OmegaConf
 
     os.makedirs(args.workdir, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
@@ -295,14 +310,11 @@ def main() -> None:
         assert all(r["groups_kept"] == P and r["updates"] == 1 for r in steps), steps
         return {"label": "ours (megatron-core GRPO, TP=1)",
                 "times": [r["step_time_s"] for r in steps],
+                "rollout": [r["rollout_time_s"] for r in steps],
                 "completion": [r["response_len"] for r in steps],
                 "truncated": [r["truncated_frac"] for r in steps]}
 
-    m = ModelConfig()
-    tiny = OmegaConf.load(os.path.join(ROOT, "configs", "model", "tiny.yaml"))
-    model = {k: tiny.get(k, getattr(m, k)) for k in (
-        "num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-        "ffn_hidden_size", "rotary_base", "norm_epsilon", "tie_embeddings", "init_method_std")}
+    model = tiny_shape()
     t = TrainConfig()
     settings = {"prompts_per_step": P, "group_size": G, "max_new_tokens": N, "temperature": 1.0,
                 "eps_low": 0.2, "eps_high": 0.28, "lr": args.lr, "weight_decay": t.weight_decay,
@@ -338,8 +350,8 @@ def main() -> None:
             medians[side] = statistics.median(got["times"])
             agg = results.setdefault(side, {"label": got["label"], "times": [],
                                             "completion": [], "truncated": []})
-            for key in ("times", "completion", "truncated"):
-                agg[key] += got[key]
+            for key in got.keys() - {"label"}:
+                agg[key] = agg.get(key, []) + got[key]
         rounds.append(medians)
         print(f"round {k}: median s/step " + ", ".join(f"{s} {v:.2f}" for s, v in medians.items())
               + (f", ratio ours/TRL {medians['trl'] / medians['ours']:.2f}x"
@@ -366,6 +378,12 @@ def main() -> None:
         print(f"| {r['label']} | {r['n']} | {P} x {G} | {r['completion']:.1f} "
               f"| {r['truncated']:.0%} | {r['s_median']:.2f} ({r['s_mean']:.2f}, {r['s_min']:.2f}) "
               f"| {r['tok_s']:,.0f} | {ratio} |")
+    if "rollout" in results.get("ours", {}):
+        r = results["ours"]
+        gen = statistics.median(r["rollout"])
+        print(f"\nours, median per step: rollout (generation, scoring) {gen:.3f} s, the rest "
+              f"(advantages, update) {r['s_median'] - gen:.3f} s "
+              f"({gen / r['s_median']:.0%} rollout)")
     if len(rounds) > 1 and all(len(r) == 2 for r in rounds):
         print("\nratio ours/TRL of the median step times, round by round: "
               + ", ".join(f"{r['trl'] / r['ours']:.2f}x" for r in rounds))

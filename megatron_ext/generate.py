@@ -1,7 +1,7 @@
 """`python -m megatron_ext.generate <overrides>`: responses of a checkpoint (generate.checkpoint=
 PATH) or of a Hugging Face model (model=hf model.hf_path=DIR) to the prompts of a JSONL file,
 through the generation engine of RL rollouts and eval (models/generate.py), in batches of
-generate.batch_size. Under TP/PP/DP start it like training: `python -m launch local --nproc N
+generate.max_batch prompts (the engine's sequence slots). Under TP/PP/DP start it like training: `python -m launch local --nproc N
 --entry generate -- <overrides>`; each DP replica answers its contiguous share of the prompts
 (its TP/PP ranks together), and global rank 0 gathers them and writes generate.out in the
 input order, one record per prompt: prompt, response, token_ids (generated, EOS included),
@@ -162,7 +162,7 @@ def run(cfg: Config, topo, log) -> Optional[List[Dict]]:
         load_hf_weights(chunks, cfg.model.hf_path, topo, vocab)
     records = read_prompts(g.prompts)
     dp = topo.dims.dp
-    share = dp_share(len(records), g.batch_size, dp, topo.dp_rank)
+    share = dp_share(len(records), g.max_batch, dp, topo.dp_rank)
     mine = records[share.start:share.stop]
     where = (f" on DP rank {topo.dp_rank} of {dp} (records {share.start + 1}-{share.stop} of "
              f"{len(records)})" if dp > 1 else "")
@@ -173,11 +173,11 @@ def run(cfg: Config, topo, log) -> Optional[List[Dict]]:
     tp = topo.tp_group if topo.dims.tp > 1 else None
     pp = topo.pp_group if topo.dims.pp > 1 else None
     out, started = [], time.perf_counter()
-    for first in range(0, len(mine), g.batch_size):
-        batch = mine[first:first + g.batch_size]
+    for first in range(0, len(mine), g.max_batch):
+        batch = mine[first:first + g.max_batch]
         ids = [prompt_ids(r, tokenizer, g.chat_template) for r in batch]
         roll = generate(chunks, ids, tokenizer, params, vocab_size=vocab, generator=generator,
-                        tp_group=tp, pp_group=pp)
+                        tp_group=tp, pp_group=pp, num_slots=g.max_batch)
         logprobs = (roll.logprobs if g.temperature in (0, 1) else
                     logprobs_at_t1(chunks, roll.tokens, vocab, tp, pp))
         for i, record in enumerate(batch):

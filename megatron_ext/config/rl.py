@@ -33,6 +33,10 @@ class RLConfig:
     temperature: float = bounded(1.0, at_least=0)  # sampling temperature (0: greedy)
     top_p: float = 1.0  # nucleus sampling mass (1: off)
     stop: List[str] = field(default_factory=list)  # stop strings besides EOS
+    # memory bounds: sequences the generation engine holds at once (rollouts and held-out eval
+    # go through that many slots in turn), and the reference's weights on the host (GPU)
+    rollout_batch: int = bounded(128, at_least=1, what="sequence slots of rollout/eval generation")
+    offload_reference: bool = False  # stream the reference's weights to the GPU layer by layer
     # policy loss
     eps_low: float = bounded(0.2, at_least=0)  # ratio clip below: 1 - eps_low
     eps_high: float = bounded(0.28, at_least=0)  # ratio clip above: 1 + eps_high (DAPO clip-higher)
@@ -107,6 +111,9 @@ def check_rl(rl: RLConfig) -> None:
                           "response each time; use rl.temperature > 0 or rl.eval_k=1 (greedy)")
     if any(s == "" for s in rl.stop):
         raise ConfigError("rl.stop holds an empty string, which would stop at once; remove it")
+    if rl.offload_reference and rl.kl_coef == 0:
+        raise ConfigError("rl.offload_reference=true, but rl.kl_coef=0 builds no reference model "
+                          "to offload; set rl.kl_coef > 0 or drop rl.offload_reference")
     if not rl.rewards:
         raise ConfigError("rl.rewards is empty; give at least one {name, weight}")
     for i, spec in enumerate(rl.rewards):

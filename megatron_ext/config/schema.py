@@ -191,7 +191,9 @@ class GenerateConfig:
     top_p: float = bounded(1.0, at_least=0, at_most=1, what="nucleus mass; 1: off")
     # auto: "messages" through the chat template, plain prompts as they are; true: both; false: none
     chat_template: str = one_of("auto", "true", "false", "True", "False")
-    batch_size: int = bounded(8, at_least=1, what="prompts per generation batch")
+    # sequence slots the engine holds at once (bounds its KV cache); the prompts go in batches
+    # of this many (one progress line each; DP replicas take whole batches)
+    max_batch: int = bounded(64, at_least=1, what="sequence slots of the generation engine")
 
 
 @dataclass

@@ -612,7 +612,7 @@ def generate(model, prompts: Sequence[Sequence[int]], tokenizer, params: Samplin
     prompt_lens = [len(p) for p in prompts]
     try:
         engine = Engine(chunks, tokenizer, params, vocab_size=vocab_size,
-                        num_slots=min(num_slots or len(prompts), len(prompts)),
+                        num_slots=len(prompts) if num_slots is None else min(num_slots, len(prompts)),
                         max_len=max(prompt_lens) + params.max_new_tokens, seed=seed,
                         tp_group=tp_group, pp_group=pp_group)
         try:

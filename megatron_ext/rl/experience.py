@@ -6,7 +6,7 @@ groups, because `generate` hands every rank the same tokens; DP ranks draw diffe
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
@@ -49,15 +49,17 @@ class PromptPool:
 
 def sample_groups(model, pool: PromptPool, indices: Sequence[int], *, group_size: int,
                   params: SamplingParams, reward: CombinedReward, tokenizer, vocab_size: int,
-                  generator: torch.Generator, tp_group, pp_group) -> List[Tuple[Group, float]]:
+                  generator: torch.Generator, tp_group, pp_group,
+                  num_slots: int) -> List[Tuple[Group, float]]:
     """One rollout batch: `group_size` samples for each prompt index, with its pass rate (the
-    share of samples the verifier accepts)."""
+    share of samples the verifier accepts); at most `num_slots` sequences generate at once."""
     prompts = [pool.prompts[i] for i in indices for _ in range(group_size)]
     problems = [pool.problems[i] for i in indices for _ in range(group_size)]
     out = generate(model, prompts, tokenizer, params, vocab_size=vocab_size,
-                   generator=generator, tp_group=tp_group, pp_group=pp_group)
-    total, _ = reward.score(out.texts, problems)
-    correct = torch.tensor([is_correct(t, p) for t, p in zip(out.texts, problems)])
+                   generator=generator, tp_group=tp_group, pp_group=pp_group,
+                   num_slots=num_slots)
+    total, parts = reward.score(out.texts, problems)
+    correct = verdicts(parts, out.texts, problems)
     groups = []
     for g, index in enumerate(indices):
         rows = slice(g * group_size, (g + 1) * group_size)
@@ -68,6 +70,19 @@ def sample_groups(model, pool: PromptPool, indices: Sequence[int], *, group_size
     return groups
 
 
+def verdicts(parts: Dict[str, torch.Tensor], texts: Sequence[str], problems: Sequence
+             ) -> torch.Tensor:
+    """The verifier's verdicts (rewards.is_correct) `[n]` fp32: the reward's own term when it
+    is the verifier (task_correct on task problems, math on JSONL records: math-verify is slow
+    enough not to run twice), else judged here."""
+    kinds = {isinstance(p, Mapping) for p in problems}
+    name = "math" if kinds == {True} else "task_correct" if kinds == {False} else None
+    if name in parts:
+        return parts[name]
+    return torch.tensor([is_correct(t, p) for t, p in zip(texts, problems)],
+                        dtype=torch.float32)
+
+
 def collect(model, pool: PromptPool, history: PassRateHistory, *, rl, params: SamplingParams,
             reward: CombinedReward, tokenizer, vocab_size: int, seed: int, device: torch.device,
             tp_group, pp_group) -> Tuple[FillResult, List[Group]]:
@@ -75,8 +90,8 @@ def collect(model, pool: PromptPool, history: PassRateHistory, *, rl, params: Sa
     at most `rl.max_refill_rounds` rollout rounds. Returns fill_batch's result (kept groups and
     counters) and every sampled group (for the reward and length statistics).
 
-    Prompts are drawn on the host; tokens are sampled by a generator on the model's `device`
-    (torch.multinomial on CUDA probabilities refuses a CPU generator), both seeded from `seed`,
+    Prompts are drawn on the host; the sampler's seed comes from a generator on the model's
+    `device` (the engine hashes its noise on the device from it), both seeded from `seed`,
     which differs per step and DP rank, so rollouts are reproducible."""
     candidates = pool.draw(rl.prompts_per_step * rl.max_refill_rounds, history,
                            torch.Generator().manual_seed(seed))
@@ -86,7 +101,8 @@ def collect(model, pool: PromptPool, history: PassRateHistory, *, rl, params: Sa
     def sample(indices: List[int]):
         groups = sample_groups(model, pool, indices, group_size=rl.group_size, params=params,
                                reward=reward, tokenizer=tokenizer, vocab_size=vocab_size,
-                               generator=generator, tp_group=tp_group, pp_group=pp_group)
+                               generator=generator, tp_group=tp_group, pp_group=pp_group,
+                               num_slots=rl.rollout_batch)
         sampled.extend(g for g, _ in groups)
         return groups
 

@@ -11,6 +11,7 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 _MAX_LOG_RATIO = 20.0  # exp(20) ~ 5e8: far outside any clip range, far from fp32 overflow
@@ -174,7 +175,8 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> 
 # -- vocab-parallel softmax statistics ---------------------------------------------------------
 
 def _shard(logits: torch.Tensor, tp_group, vocab_size: Optional[int]):
-    """(group or None, first global id of this shard, bool mask of real ids or None)."""
+    """(group or None, first global id of this shard, how many of its columns are real ids:
+    the others are megatron's padding, always the shard's last ones)."""
     world = 1 if tp_group is None else dist.get_world_size(tp_group)
     rank = 0 if world == 1 else dist.get_rank(tp_group)
     v_local = logits.size(-1)
@@ -182,76 +184,63 @@ def _shard(logits: torch.Tensor, tp_group, vocab_size: Optional[int]):
     if vocab_size is not None and not 0 < vocab_size <= v_local * world:
         raise ValueError(f"vocab_size={vocab_size} must be in [1, {v_local * world}] (the "
                          f"shards hold {world} x {v_local} columns)")
-    valid = None
-    if vocab_size is not None and start + v_local > vocab_size:
-        valid = torch.arange(start, start + v_local, device=logits.device) < vocab_size
-    return (tp_group if world > 1 else None), start, valid
+    real = v_local if vocab_size is None else min(max(vocab_size - start, 0), v_local)
+    return (tp_group if world > 1 else None), start, real
 
 
-def _softmax_stats(x: torch.Tensor, valid, group):
-    """Logits shifted by the global max (padding at -inf), their exp, and the global sum."""
-    if valid is not None:
-        x = x.masked_fill(~valid, float("-inf"))
-    gmax = x.amax(dim=-1)
+def _all_reduce(x: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if group is not None:
-        dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
-    shifted = x - gmax.unsqueeze(-1)
-    exp = shifted.exp()
-    sum_exp = exp.sum(dim=-1)
-    if group is not None:
-        dist.all_reduce(sum_exp, group=group)
-    return shifted, exp, sum_exp
+        dist.all_reduce(x, op=op, group=group)
+    return x
 
 
-class _LogProb(torch.autograd.Function):
-    """log softmax(x)[target] over the vocab split across `group`. Backward needs no
-    communication: d/dx_j = onehot_j - p_j on the shard that holds column j."""
+class _LogProbEntropy(torch.autograd.Function):
+    """log softmax(x)[target] and the entropy -sum p log p, over the vocab split across `group`,
+    from one softmax pass over the shard's `real` (non-padding) columns; the padding columns are
+    never read and get zero gradient. Backward needs no communication: d logp / dx_j =
+    onehot_j - p_j and dH/dx_j = -p_j (log p_j + H) on the shard that holds column j. With
+    `entropy_grad` False the entropy is a statistic only (not differentiable, nothing saved for
+    it); with `entropy` False it is not computed (None)."""
 
     @staticmethod
-    def forward(ctx, x, targets, start, valid, group):
-        shifted, exp, sum_exp = _softmax_stats(x, valid, group)
+    def forward(ctx, x, targets, start, real, group, entropy, entropy_grad):
+        v_local, x = x.size(-1), x[..., :real]
+        gmax = x.amax(dim=-1) if real else x.new_full(x.shape[:-1], float("-inf"))
+        shifted = x - _all_reduce(gmax, group, dist.ReduceOp.MAX).unsqueeze(-1)
+        exp = shifted.exp()
+        sum_exp = _all_reduce(exp.sum(dim=-1), group)
         local = targets - start
-        here = (local >= 0) & (local < x.size(-1))
-        index = local.clamp(0, x.size(-1) - 1).unsqueeze(-1)
-        picked = torch.where(here, shifted.gather(-1, index).squeeze(-1), 0.0)
-        if group is not None:
-            dist.all_reduce(picked, group=group)
-        probs = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(probs, index, here)
-        return picked - sum_exp.log()
-
-    @staticmethod
-    def backward(ctx, grad):
-        probs, index, here = ctx.saved_tensors
-        grad_x = probs * -grad.unsqueeze(-1)
-        grad_x.scatter_add_(-1, index, torch.where(here, grad, 0.0).unsqueeze(-1))
-        return grad_x, None, None, None, None
-
-
-class _Entropy(torch.autograd.Function):
-    """-sum p log p over the vocab split across `group`. Backward needs no communication:
-    dH/dx_j = -p_j (log p_j + H)."""
-
-    @staticmethod
-    def forward(ctx, x, valid, group):
-        shifted, exp, sum_exp = _softmax_stats(x, valid, group)
-        if valid is not None:
-            shifted = shifted.masked_fill(~valid, 0.0)  # 0 * -inf would be NaN below
+        here = (local >= 0) & (local < real)
+        index = local.clamp(0, max(real - 1, 0)).unsqueeze(-1)
+        picked = (torch.where(here, shifted.gather(-1, index).squeeze(-1), 0.0) if real
+                  else torch.zeros_like(sum_exp))
         log_z = sum_exp.log()
-        probs = exp.div_(sum_exp.unsqueeze(-1))  # exactly 0 on padding: exp(-inf)
-        expected = (probs * shifted).sum(dim=-1)
-        if group is not None:
-            dist.all_reduce(expected, group=group)
-        entropy = log_z - expected
-        ctx.save_for_backward(probs, shifted, log_z, entropy)
-        return entropy
+        logp = _all_reduce(picked, group) - log_z
+        probs = exp.div_(sum_exp.unsqueeze(-1))
+        ent = None
+        if entropy:
+            ent = log_z - _all_reduce((probs * shifted).sum(dim=-1), group)
+        ctx.v_local, ctx.entropy_grad = v_local, entropy and entropy_grad
+        if ctx.entropy_grad:
+            ctx.save_for_backward(probs, index, here, shifted, log_z, ent)
+        else:
+            ctx.save_for_backward(probs, index, here)
+            if ent is not None:
+                ctx.mark_non_differentiable(ent)
+        return logp, ent
 
     @staticmethod
-    def backward(ctx, grad):
-        probs, shifted, log_z, entropy = ctx.saved_tensors
-        log_p = shifted - log_z.unsqueeze(-1)
-        grad_x = -probs * (log_p + entropy.unsqueeze(-1)) * grad.unsqueeze(-1)
-        return grad_x, None, None
+    def backward(ctx, grad_logp, grad_ent):
+        probs, index, here = ctx.saved_tensors[:3]
+        grad_x = probs * -grad_logp.unsqueeze(-1)
+        if probs.size(-1):
+            grad_x.scatter_add_(-1, index, torch.where(here, grad_logp, 0.0).unsqueeze(-1))
+        if ctx.entropy_grad and grad_ent is not None:
+            shifted, log_z, ent = ctx.saved_tensors[3:]
+            log_p = shifted - log_z.unsqueeze(-1)
+            grad_x -= probs * (log_p + ent.unsqueeze(-1)) * grad_ent.unsqueeze(-1)
+        grad_x = F.pad(grad_x, (0, ctx.v_local - grad_x.size(-1)))
+        return grad_x, None, None, None, None, None, None
 
 
 def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -275,11 +264,8 @@ def logprobs_from_logits(logits: torch.Tensor, targets: torch.Tensor, *, tp_grou
     logit in forward; none in backward. Targets outside [0, vocab) give meaningless values: mask
     them. tp_group None (or of size 1): the logits are the whole vocab.
     """
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(f"targets {tuple(targets.shape)} must be logits {tuple(logits.shape)} "
-                         "without the vocab dim")
-    group, start, valid = _shard(logits, tp_group, vocab_size)
-    return _LogProb.apply(_tempered(logits, temperature), targets, start, valid, group)
+    return logprobs_and_entropy(logits, targets, tp_group=tp_group, vocab_size=vocab_size,
+                                temperature=temperature, entropy=False)[0]
 
 
 def entropy_from_logits(logits: torch.Tensor, *, tp_group=None, vocab_size: Optional[int] = None,
@@ -287,5 +273,20 @@ def entropy_from_logits(logits: torch.Tensor, *, tp_group=None, vocab_size: Opti
     """Entropy of softmax(logits / temperature) per position `[...]`, exact under vocab
     parallelism (fp32, differentiable). Shard layout, `vocab_size` and `tp_group` as in
     `logprobs_from_logits`."""
-    group, _, valid = _shard(logits, tp_group, vocab_size)
-    return _Entropy.apply(_tempered(logits, temperature), valid, group)
+    targets = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    return logprobs_and_entropy(logits, targets, tp_group=tp_group, vocab_size=vocab_size,
+                                temperature=temperature)[1]
+
+
+def logprobs_and_entropy(logits: torch.Tensor, targets: torch.Tensor, *, tp_group=None,
+                         vocab_size: Optional[int] = None, temperature: float = 1.0,
+                         entropy: bool = True, entropy_grad: bool = True):
+    """(`logprobs_from_logits`, `entropy_from_logits`) from one softmax over the logits: what
+    the policy loss needs, at the cost of one. `entropy_grad=False` (no entropy bonus) returns
+    the entropy as a statistic without a gradient, and keeps nothing for its backward."""
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets {tuple(targets.shape)} must be logits {tuple(logits.shape)} "
+                         "without the vocab dim")
+    group, start, real = _shard(logits, tp_group, vocab_size)
+    return _LogProbEntropy.apply(_tempered(logits, temperature), targets, start, real, group,
+                                 entropy, entropy_grad)

@@ -20,7 +20,7 @@ from typing import Dict, Optional
 import torch
 
 from megatron_ext.training.engine import metrics
-from megatron_ext.rl.losses import (agg_count, aggregate, entropy_from_logits, kl_penalty,
+from megatron_ext.rl.losses import (agg_count, aggregate, kl_penalty, logprobs_and_entropy,
                                     logprobs_from_logits, policy_loss, value_loss)
 
 # policy_loss's token-averaged metrics, reported as token-weighted sums
@@ -58,13 +58,13 @@ def policy_objective(s: PolicySettings, tp_group, batch: Dict[str, torch.Tensor]
     per-token-loss mode; `logprob_diff_max` compares these log-probs with the rollout's."""
     mask = batch["mask"]
     valid = mask > 0
-    logp = token_logprobs(batch, s.vocab_size, s.temperature, tp_group, logits)
+    # one softmax for both; the entropy is a statistic (no gradient) unless there is a bonus
+    logp, entropy = logprobs_and_entropy(
+        logits, batch["targets"], tp_group=tp_group, vocab_size=s.vocab_size,
+        temperature=s.temperature, entropy_grad=s.entropy_coef > 0 and torch.is_grad_enabled())
     pg, m = policy_loss(logp, batch["old_logp"], batch["advantages"], mask, eps_low=s.eps_low,
                         eps_high=s.eps_high, dual_clip=s.dual_clip, agg=s.agg, denominator=1.0)
     loss = pg
-    with torch.set_grad_enabled(s.entropy_coef > 0 and torch.is_grad_enabled()):
-        entropy = entropy_from_logits(logits, tp_group=tp_group, vocab_size=s.vocab_size,
-                                      temperature=s.temperature)
     if s.entropy_coef > 0:
         loss = loss - s.entropy_coef * aggregate(entropy, mask, s.agg, denominator=1.0)
     kl_sum = torch.zeros((), device=mask.device)

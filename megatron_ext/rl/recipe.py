@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 import zlib
 from typing import Callable, Dict, List, Optional
 
@@ -27,6 +28,7 @@ from megatron_ext.data.tokenizer import build_tokenizer
 from megatron_ext.models.critic import HEAD, build_critic, critic_config
 from megatron_ext.models.generate import SamplingParams
 from megatron_ext.models.gpt import build_gpt_chunks, build_model, model_vocab_size
+from megatron_ext.models.offload import offload_reference
 from megatron_ext.rl.algorithms import explained_variance, get_algorithm
 from megatron_ext.rl.buffer import TrajectoryBuffer
 from megatron_ext.rl.evaluation import describe, heldout_eval
@@ -113,6 +115,14 @@ class RLRecipe:
         self.buffer.iteration = state["buffer_iteration"]
 
     def start(self, resumed: bool, checkpoints) -> None:
+        """The starting weights; then, with rl.offload_reference, the reference's go to the
+        host (once loaded: they never change)."""
+        self._load_start(resumed, checkpoints)
+        if self.reference is not None and self.rl.offload_reference:
+            self.reference_host = offload_reference(self.reference.chunks,
+                                                    self.reference.device, self.log)
+
+    def _load_start(self, resumed: bool, checkpoints) -> None:
         """A fresh run takes the SFT weights of rl.init_checkpoint (the critic its trunk, with
         a fresh value head); the reference always does."""
         init = self.rl.init_checkpoint
@@ -147,7 +157,9 @@ class RLRecipe:
     def train_step(self, step: int, inspect_grads=None) -> Dict:
         """collect -> prepare -> update. `inspect_grads(which)` runs after each backward
         ("policy", "critic") while the reduced gradients sit in the DDP buffers."""
+        started = time.perf_counter()
         result, sampled = self.collect(step)
+        rollout_s = time.perf_counter() - started  # the rest of step_time_s: scoring, update
         rows, prepared = self.prepare(result.groups)
         self.policy.scheduler.step(increment=1)
         lr = self.policy.lr
@@ -159,6 +171,7 @@ class RLRecipe:
             self.log(f"step {step}: {result.message}")
         return {"loss": upd.pop("loss"), "lr": lr, "grad_norm": upd.pop("grad_norm"),
                 "applied": upd["skipped_updates"] == 0, "tokens": s["response_len_sum"],
+                "rollout_time_s": rollout_s,
                 **self._rollout_metrics(s), **upd}
 
     def _seed(self, what: str, step: int) -> int:

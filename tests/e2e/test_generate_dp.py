@@ -25,7 +25,7 @@ def _generate(root, name, nproc, *layout):
     out = root / f"{name}.jsonl"
     cmd = [sys.executable, "-m", "launch", "local", "--nproc", str(nproc), "--entry", "generate",
            "--", "model=hf", f"model.hf_path={root / 'hf'}", f"generate.prompts={root / 'p.jsonl'}",
-           f"generate.out={out}", "generate.max_new_tokens=8", "generate.batch_size=2",
+           f"generate.out={out}", "generate.max_new_tokens=8", "generate.max_batch=2",
            "logging=none", *layout]
     r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True,
                        text=True, timeout=600)

@@ -51,7 +51,7 @@ def test_greedy_generate_equals_transformers(setup, name, nproc, layout):
     out = root / f"{name}.jsonl"
     cmd = [sys.executable, "-m", "launch", "local", "--nproc", str(nproc), "--entry", "generate",
            "--", "model=hf", f"model.hf_path={root / 'hf'}", f"generate.prompts={root / 'prompts.jsonl'}",
-           f"generate.out={out}", f"generate.max_new_tokens={NEW}", "generate.batch_size=2",
+           f"generate.out={out}", f"generate.max_new_tokens={NEW}", "generate.max_batch=2",
            "logging=none", *layout]
     r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True,
                        text=True, timeout=600)

@@ -81,7 +81,9 @@ def test_heldout_eval_scores_this_dp_ranks_problems_from_n_samples_each(monkeypa
     correct_samples = {1: 1, 3: 3, 5: 1}  # c of the 5 samples of each problem are right
     calls = []
 
-    def fake_generate(model, prompts, tok, params, *, generator, vocab_size, tp_group, pp_group):
+    def fake_generate(model, prompts, tok, params, *, generator, vocab_size, tp_group, pp_group,
+                      num_slots):
+        assert num_slots in (7, RLConfig().rollout_batch)  # eval is bounded by rl.rollout_batch
         calls.append(([index[tuple(p)] for p in prompts], params.temperature, generator))
         texts, seen = [], {}
         for p in prompts:
@@ -96,7 +98,7 @@ def test_heldout_eval_scores_this_dp_ranks_problems_from_n_samples_each(monkeypa
 
     monkeypatch.setattr(evaluation, "generate", fake_generate)
     topo = SimpleNamespace(dp_rank=1, dims=SimpleNamespace(dp=2), tp_group=None, pp_group=None)
-    rl = RLConfig(eval_k=2, eval_samples=5, temperature=0.7)
+    rl = RLConfig(eval_k=2, eval_samples=5, temperature=0.7, rollout_batch=7)
     rec = evaluation.heldout_eval(None, pool, rl, tokenizer=tokenizer, vocab_size=256, topo=topo,
                                   seed=3, device=torch.device("cpu"), contribute=True)
     assert [c[0] for c in calls] == [[1, 3, 5], [1] * 5 + [3] * 5 + [5] * 5]
