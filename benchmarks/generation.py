@@ -92,7 +92,7 @@ def run_ours(chunks, prompts: torch.Tensor, length: int, vocab: int, pp_group=No
     generator = torch.Generator(device=prompts.device).manual_seed(1)
     start = time.perf_counter()
     out = generate(chunks, prompts.tolist(), NoEosTokenizer(PAD), params, vocab_size=vocab,
-                   generator=generator, pp_group=pp_group, **extra)
+                   generator=generator, pp_group=pp_group, num_slots=prompts.size(0))
     took = time.perf_counter() - start
     assert bool((out.response_lens == length).all()), out.response_lens
     return took
