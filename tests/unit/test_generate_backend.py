@@ -166,3 +166,41 @@ def test_results_assemble_into_the_rollout_callers_read():
     assert roll.logprobs.tolist() == [[0, 0, 0, -0.5, -1.5], [0, -1, -2, -3, 0]]
     assert roll.prompt_lens.tolist() == [3, 1] and roll.response_lens.tolist() == [2, 3]
     assert roll.texts == ["f", "eee"] and roll.finish_reasons == ["eos", "length"]
+
+
+def test_rl_recomputes_old_logprobs_with_the_training_forward_for_megatron(tmp_path):
+    """rl.engine=megatron's rollouts come from other kernels: prepare() replaces their
+    log-probs with the training forward's (here: corrupted ones come back as the rollout's)."""
+    import torch.distributed as dist
+
+    from megatron_ext import compat
+    from megatron_ext.models.init import initialize_weights
+    from megatron_ext.rl.recipe import RLRecipe
+    from parallel import topology
+    compat.setup()
+    from megatron.core import parallel_state as ps
+    cfg = compose_config(["stage=rl", "logging=none", "rl.group_size=2", "rl.prompts_per_step=2",
+                          "rl.max_new_tokens=5", "rl.band_low=0", "rl.band_high=1",
+                          "data.num_samples=16", "train.eval_samples=4",
+                          "model.init_method_std=0.2", f"rl.init_checkpoint={tmp_path}",
+                          f"run.dir={tmp_path}"])
+    topo = topology.initialize(validate(cfg, 1), seed=cfg.seed)
+    try:
+        recipe = RLRecipe(cfg, topo, lambda line: None)
+        initialize_weights(recipe.policy.chunks, cfg.seed, recipe.vocab_size, topo)
+        assert recipe.recompute_old_logp is False  # auto: ours on this machine
+        groups = recipe.collect(1)[0].groups
+        rollout = recipe.prepare(groups)[0]["old_logp"].clone()
+        for g in groups:
+            g.logprobs.copy_(torch.where(g.response_mask > 0, torch.full_like(g.logprobs, -7.0),
+                                         g.logprobs))
+        corrupted = recipe.prepare(groups)[0]
+        mask = corrupted["mask"] > 0
+        assert mask.any() and bool((corrupted["old_logp"][mask] == -7.0).all())
+        recipe.recompute_old_logp = True
+        fixed = recipe.prepare(groups)[0]
+        assert torch.allclose(fixed["old_logp"], rollout, atol=1e-5)
+        assert bool((fixed["old_logp"][~mask] == 0).all())
+    finally:
+        ps.destroy_model_parallel()
+        dist.destroy_process_group()
