@@ -147,9 +147,10 @@ def _check_engines(cfg: Config, probe: bool) -> None:
     p, env = cfg.parallel, "probe" if probe else None
     layout = dict(pp=p.pp, vpp=p.vpp, dtype=cfg.model.dtype)
     g = cfg.generate
-    resolve_engine(g.engine, "generate.engine", env=env, temperature=g.temperature, stop=(),
-                   **layout)
-    if cfg.stage == "rl":
+    if g.engine == "megatron":  # auto never fails: it falls back to ours
+        resolve_engine(g.engine, "generate.engine", env=env, temperature=g.temperature,
+                       stop=(), **layout)
+    if cfg.stage == "rl" and cfg.rl.engine == "megatron":
         resolve_engine(cfg.rl.engine, "rl.engine", env=env, temperature=cfg.rl.temperature,
                        stop=cfg.rl.stop, **layout)
 
