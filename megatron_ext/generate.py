@@ -177,7 +177,7 @@ def run(cfg: Config, topo, log) -> Optional[List[Dict]]:
         batch = mine[first:first + g.max_batch]
         ids = [prompt_ids(r, tokenizer, g.chat_template) for r in batch]
         roll = generate(chunks, ids, tokenizer, params, vocab_size=vocab, generator=generator,
-                        tp_group=tp, pp_group=pp, num_slots=g.max_batch)
+                        tp_group=tp, pp_group=pp, num_slots=g.max_batch, engine=g.engine)
         logprobs = (roll.logprobs if g.temperature in (0, 1) else
                     logprobs_at_t1(chunks, roll.tokens, vocab, tp, pp))
         for i, record in enumerate(batch):

@@ -194,6 +194,9 @@ class GenerateConfig:
     # sequence slots the engine holds at once (bounds its KV cache); the prompts go in batches
     # of this many (one progress line each; DP replicas take whole batches)
     max_batch: int = bounded(64, at_least=1, what="sequence slots of the generation engine")
+    # ours: models/generate.py; megatron: megatron-core's DynamicInferenceEngine (CUDA and
+    # flash-attn >= 2.7.3; unverified); auto: megatron where it can run, else ours
+    engine: str = one_of("auto", "ours", "megatron")
 
 
 @dataclass

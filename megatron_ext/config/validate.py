@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from megatron_ext.config.engine import resolve_engine
 from megatron_ext.config.fields import ConfigError, check_fields
 from megatron_ext.config.hf import model_fields
 from megatron_ext.config.layout import ParallelDims
@@ -140,11 +141,26 @@ def _check_rl_stage(cfg: Config) -> None:
                           "parallel.sequence_parallel=false")
 
 
+def _check_engines(cfg: Config, probe: bool) -> None:
+    """generate.engine / rl.engine=megatron can run with these settings (and, when `probe`,
+    in this process's environment: CUDA, flash-attn)."""
+    p, env = cfg.parallel, "probe" if probe else None
+    layout = dict(pp=p.pp, vpp=p.vpp, dtype=cfg.model.dtype)
+    g = cfg.generate
+    if g.engine == "megatron":  # auto never fails: it falls back to ours
+        resolve_engine(g.engine, "generate.engine", env=env, temperature=g.temperature,
+                       stop=(), **layout)
+    if cfg.stage == "rl" and cfg.rl.engine == "megatron":
+        resolve_engine(cfg.rl.engine, "rl.engine", env=env, temperature=cfg.rl.temperature,
+                       stop=cfg.rl.stop, **layout)
+
+
 def validate(cfg: Config, world_size: int, *,
              have_fused_norms: Optional[bool] = False) -> ParallelDims:
     """Raise ConfigError (LayoutError for the layout) for the first broken rule; return the
     layout. have_fused_norms says whether TE or apex norms import where the run executes; None
-    when this process cannot know (a launcher), which leaves that one rule to the processes."""
+    when this process cannot know (a launcher), which leaves the rules on what the run's machine
+    has (fused norms; CUDA and flash-attn for engine=megatron) to the processes."""
     check_fields(cfg)
     if cfg.model.name == "hf" or cfg.model.hf_path:
         model_fields(cfg.model.hf_path)  # the folder, config.json and architecture are usable
@@ -152,6 +168,7 @@ def validate(cfg: Config, world_size: int, *,
     if cfg.stage == "rl":
         _check_rl_stage(cfg)
     _check_data(cfg)
+    _check_engines(cfg, probe=have_fused_norms is not None)
     m, t, p = cfg.model, cfg.train, cfg.parallel
     dims = ParallelDims(world_size=world_size, tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp)
     dims.validate(num_layers=m.num_layers, num_attention_heads=m.num_attention_heads,

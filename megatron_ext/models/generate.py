@@ -585,7 +585,7 @@ def _shared_seed(generator: torch.Generator, tp_group, pp_group) -> int:
 
 def generate(model, prompts: Sequence[Sequence[int]], tokenizer, params: SamplingParams, *,
              vocab_size: int, generator: Optional[torch.Generator], tp_group=None,
-             pp_group=None, num_slots: Optional[int] = None) -> Rollout:
+             pp_group=None, num_slots: Optional[int] = None, engine: str = "ours") -> Rollout:
     """Sample one response per prompt (repeat a prompt in `prompts` for a GRPO group).
 
     model: a GPTModel (or a DDP wrapper of one), or this rank's list of virtual-stage chunks as
@@ -596,7 +596,8 @@ def generate(model, prompts: Sequence[Sequence[int]], tokenizer, params: Samplin
     the one of the last stage's TP rank 0 decides and the other ranks follow it; seed it
     differently across DP ranks. tp_group / pp_group: megatron's TP and PP groups when > 1;
     every rank of both gets the same Rollout. num_slots: sequences decoded at once (None: all
-    prompts); the samples do not depend on it.
+    prompts); the samples do not depend on it. engine: ours | megatron | auto (config/engine.py;
+    megatron: models/megatron_engine.py, unverified, with its own samples).
     A row stops at EOS, when its text contains a stop string, or after max_new_tokens.
     """
     params.check()
@@ -609,23 +610,46 @@ def generate(model, prompts: Sequence[Sequence[int]], tokenizer, params: Samplin
     was_training = [c.training for c in chunks]
     for c in chunks:
         c.eval()
-    prompt_lens = [len(p) for p in prompts]
+    slots = len(prompts) if num_slots is None else min(num_slots, len(prompts))
+    max_len = max(len(p) for p in prompts) + params.max_new_tokens
+    backend = _backend(engine, chunks, params, pp_group)
     try:
-        engine = Engine(chunks, tokenizer, params, vocab_size=vocab_size,
-                        num_slots=len(prompts) if num_slots is None else min(num_slots, len(prompts)),
-                        max_len=max(prompt_lens) + params.max_new_tokens, seed=seed,
-                        tp_group=tp_group, pp_group=pp_group)
-        try:
-            for p in prompts:
-                engine.add_request(p)
-            results = engine.drain()
-        finally:
-            engine.release()
+        if backend == "megatron":
+            from megatron_ext.models.megatron_engine import generate_results
+            results = generate_results(chunks[0], prompts, tokenizer, params,
+                                       vocab_size=vocab_size, seed=seed, num_slots=slots,
+                                       max_len=max_len)
+        else:
+            ours = Engine(chunks, tokenizer, params, vocab_size=vocab_size, num_slots=slots,
+                          max_len=max_len, seed=seed, tp_group=tp_group, pp_group=pp_group)
+            try:
+                for p in prompts:
+                    ours.add_request(p)
+                results = ours.drain()
+            finally:
+                ours.release()
     finally:
         for c, mode in zip(chunks, was_training):
             c.train(mode)
+    return to_rollout(prompts, results, tokenizer, next(chunks[0].parameters()).device)
 
-    device = engine.device
+
+def _backend(engine: str, chunks, params: SamplingParams, pp_group) -> str:
+    """'ours' or 'megatron' for generate(engine=...) on this model and these settings."""
+    if engine == "ours":
+        return "ours"
+    from megatron_ext.config.engine import resolve_engine
+    dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+        _unwrap(chunks[0]).config.params_dtype, "fp32")
+    return resolve_engine(engine, "engine", temperature=params.temperature, stop=params.stop,
+                          pp=1 if pp_group is None else dist.get_world_size(pp_group),
+                          vpp=len(chunks), dtype=dtype)
+
+
+def to_rollout(prompts: Sequence[Sequence[int]], results: Sequence[Result], tokenizer,
+               device) -> Rollout:
+    """The Rollout of `results` (one per prompt, in order), its tensors on `device`."""
+    prompt_lens = [len(p) for p in prompts]
     resp_lens = [len(r.tokens) for r in results]
     length = max(p + n for p, n in zip(prompt_lens, resp_lens))
     tokens = torch.full((len(prompts), length), tokenizer.pad_id, dtype=torch.long)

@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from megatron_ext.config.engine import resolve_engine
 from megatron_ext.convert.hf_load import load_hf_weights
 from megatron_ext.convert.origin import ModelOrigin
 from megatron_ext.data.dataset import build_rows
@@ -88,6 +89,11 @@ class RLRecipe:
         self.buffer = TrajectoryBuffer(epochs=rl.ppo_epochs, mini_batches=rl.mini_batches,
                                        max_staleness=rl.max_staleness, seed=cfg.seed)
         self.params = SamplingParams(rl.max_new_tokens, rl.temperature, rl.top_p, tuple(rl.stop))
+        # megatron's engine (rl.engine) runs other attention kernels than the training forward,
+        # which recomputes its old log-probs in prepare() so that the first PPO ratio is 1
+        self.recompute_old_logp = resolve_engine(
+            rl.engine, "rl.engine", temperature=rl.temperature, stop=rl.stop,
+            pp=cfg.parallel.pp, vpp=cfg.parallel.vpp, dtype=cfg.model.dtype) == "megatron"
         self.settings = PolicySettings(
             vocab_size=self.vocab_size, temperature=rl.temperature or 1.0, eps_low=rl.eps_low,
             eps_high=rl.eps_high, dual_clip=rl.dual_clip or None, agg=rl.loss_agg,
@@ -213,6 +219,10 @@ class RLRecipe:
                 {k: torch.zeros(0, 1) for k in _ROW_KEYS})
         rows = {k: v.to(device) for k, v in rows.items()}
         rows["tokens"], rows["targets"] = rows["tokens"].long(), rows["targets"].long()
+        if self.recompute_old_logp and groups:
+            rows["old_logp"] = self._forward_values(self.policy, rows, functools.partial(
+                logprob_output, self.vocab_size, self.settings.temperature,
+                self.topo.tp_group)) * rows["mask"]
         rewards = (torch.cat([g.rewards for g in groups]) if groups else torch.zeros(0)).to(device)
         stats = {"zero_adv_groups": float(sum(bool(g.rewards.max() == g.rewards.min())
                                               for g in groups)),

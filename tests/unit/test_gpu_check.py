@@ -88,3 +88,16 @@ def test_training_pieces_dry_run(tmp_path, module, extra, header):
         assert rows[0][1] == "10" and rows[1][1] == "3"
     else:
         assert float(rows[0][2].replace(",", "")) > 0  # tokens/s from metrics.jsonl
+
+
+def test_engines_dry_run_runs_ours_and_says_why_megatron_skipped(tmp_path):
+    run, table = _piece("engines", tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = {r[0]: r for r in _rows(table, "engine")}
+    assert rows["ours"][-1] == "ok" and int(rows["ours"][2]) > 0
+    megatron = rows["megatron (DynamicInferenceEngine)"][-1]
+    try:
+        import flash_attn  # noqa: F401
+        assert megatron == "skipped: dry run (CPU)"
+    except ImportError:
+        assert megatron == "skipped: flash-attn not installed"
