@@ -95,22 +95,35 @@ class Result:
 _MASK = 0xFFFFFFFF
 
 
-def _mix(h: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash of int64 values in [0, 2^32); the multipliers are < 2^31 so no
-    product leaves int64 (the same bits on every device)."""
+def _mix(h):
+    """A 32-bit integer hash of int64 values (a tensor or a Python int) in [0, 2^32); the
+    multipliers are < 2^31 so no product leaves int64 (the same bits on every device)."""
     h = ((h ^ (h >> 16)) * 0x7FEB352D) & _MASK
     h = ((h ^ (h >> 15)) * 0x5BD1E995) & _MASK
     return h ^ (h >> 16)
 
 
+def _mix_(h: torch.Tensor) -> torch.Tensor:
+    """`_mix` in place on a fresh int64 tensor: the same bits, without a new tensor per op
+    (the sampler's per-token cost on a small model is these ops' dispatch)."""
+    h.bitwise_xor_(h >> 16).mul_(0x7FEB352D).bitwise_and_(_MASK)
+    h.bitwise_xor_(h >> 15).mul_(0x5BD1E995).bitwise_and_(_MASK)
+    return h.bitwise_xor_(h >> 16)
+
+
+_COLUMNS: Dict[Tuple[int, torch.device], torch.Tensor] = {}
+
+
 def _gumbel(seed: int, requests: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
     """`[n, vocab]` fp32 Gumbel noise, a function of (seed, request, step, token) only."""
-    low = _mix(torch.full_like(requests, seed & _MASK)) ^ ((seed >> 32) & _MASK)
-    row = _mix(_mix(_mix(low) ^ requests) ^ steps)
-    column = torch.arange(vocab, device=requests.device) * 0x9E3779B9 & _MASK
-    h = _mix(_mix(row[:, None] ^ column[None]))
-    uniform = ((h >> 8).float() + 0.5) * 2.0 ** -24  # in (0, 1)
-    return -torch.log(-torch.log(uniform))
+    low = _mix(seed & _MASK) ^ ((seed >> 32) & _MASK)  # the seed's part, on the host
+    row = _mix(_mix(requests ^ _mix(low)) ^ steps)
+    key = (vocab, requests.device)
+    if key not in _COLUMNS:
+        _COLUMNS[key] = torch.arange(vocab, device=requests.device) * 0x9E3779B9 & _MASK
+    h = _mix_(_mix_(row[:, None] ^ _COLUMNS[key][None]))
+    uniform = (h >> 8).float().add_(0.5).mul_(2.0 ** -24)  # in (0, 1)
+    return uniform.log_().neg_().log_().neg_()
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, seed: int, requests: torch.Tensor,
