@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import pickle
 from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -95,22 +96,35 @@ class Result:
 _MASK = 0xFFFFFFFF
 
 
-def _mix(h: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash of int64 values in [0, 2^32); the multipliers are < 2^31 so no
-    product leaves int64 (the same bits on every device)."""
+def _mix(h):
+    """A 32-bit integer hash of int64 values (a tensor or a Python int) in [0, 2^32); the
+    multipliers are < 2^31 so no product leaves int64 (the same bits on every device)."""
     h = ((h ^ (h >> 16)) * 0x7FEB352D) & _MASK
     h = ((h ^ (h >> 15)) * 0x5BD1E995) & _MASK
     return h ^ (h >> 16)
 
 
+def _mix_(h: torch.Tensor) -> torch.Tensor:
+    """`_mix` in place on a fresh int64 tensor: the same bits, without a new tensor per op
+    (the sampler's per-token cost on a small model is these ops' dispatch)."""
+    h.bitwise_xor_(h >> 16).mul_(0x7FEB352D).bitwise_and_(_MASK)
+    h.bitwise_xor_(h >> 15).mul_(0x5BD1E995).bitwise_and_(_MASK)
+    return h.bitwise_xor_(h >> 16)
+
+
+_COLUMNS: Dict[Tuple[int, torch.device], torch.Tensor] = {}
+
+
 def _gumbel(seed: int, requests: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
     """`[n, vocab]` fp32 Gumbel noise, a function of (seed, request, step, token) only."""
-    low = _mix(torch.full_like(requests, seed & _MASK)) ^ ((seed >> 32) & _MASK)
-    row = _mix(_mix(_mix(low) ^ requests) ^ steps)
-    column = torch.arange(vocab, device=requests.device) * 0x9E3779B9 & _MASK
-    h = _mix(_mix(row[:, None] ^ column[None]))
-    uniform = ((h >> 8).float() + 0.5) * 2.0 ** -24  # in (0, 1)
-    return -torch.log(-torch.log(uniform))
+    low = _mix(seed & _MASK) ^ ((seed >> 32) & _MASK)  # the seed's part, on the host
+    row = _mix(_mix(requests ^ _mix(low)) ^ steps)
+    key = (vocab, requests.device)
+    if key not in _COLUMNS:
+        _COLUMNS[key] = torch.arange(vocab, device=requests.device) * 0x9E3779B9 & _MASK
+    h = _mix_(_mix_(row[:, None] ^ _COLUMNS[key][None]))
+    uniform = (h >> 8).float().add_(0.5).mul_(2.0 ** -24)  # in (0, 1)
+    return uniform.log_().neg_().log_().neg_()
 
 
 def _sample(logits: torch.Tensor, params: SamplingParams, seed: int, requests: torch.Tensor,
@@ -487,13 +501,31 @@ class Engine:
         their slots."""
         finished = self._finished() if self.is_last else None
         if self.pp > 1:
-            finished = broadcast_object(finished, src=self.last_rank, group=self.pp_group)
+            finished = self._share(finished)
         for result in finished:
             slot = self.active.pop(result.request)
             if self.slot_request[slot] == result.request:
                 self.slot_request[slot] = None
             self.results[result.request] = result
         self.finished += len(finished)
+
+    def _share(self, finished: Optional[List[Result]]) -> List[Result]:
+        """The last stage's finished results on every PP rank: their pickled size in one
+        broadcast, the bytes in a second only when there are any. Most checks find nothing,
+        and broadcast_object's two collectives and pickling then cost more than a tick."""
+        data = pickle.dumps(finished) if self.is_last and finished else b""
+        size = torch.tensor([len(data)], dtype=torch.long, device=self.device)
+        dist.broadcast(size, src=self.last_rank, group=self.pp_group)
+        n = int(size)
+        if n == 0:
+            return []
+        if self.is_last:
+            dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device),
+                           src=self.last_rank, group=self.pp_group)
+            return finished
+        buffer = torch.empty(n, dtype=torch.uint8, device=self.device)
+        dist.broadcast(buffer, src=self.last_rank, group=self.pp_group)
+        return pickle.loads(buffer.cpu().numpy().tobytes())
 
     def _finished(self) -> List[Result]:
         """The last stage: read the new samples of the running requests to the host and end a
