@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import pickle
 from typing import Deque, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -45,7 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_ext.models.decode import ChunkDecoder, SlotCache
-from megatron_ext.training.collectives import broadcast_object
+from megatron_ext.training.collectives import broadcast_list, broadcast_object
 from parallel.p2p import ring_shift
 
 
@@ -501,31 +500,13 @@ class Engine:
         their slots."""
         finished = self._finished() if self.is_last else None
         if self.pp > 1:
-            finished = self._share(finished)
+            finished = broadcast_list(finished, src=self.last_rank, group=self.pp_group)
         for result in finished:
             slot = self.active.pop(result.request)
             if self.slot_request[slot] == result.request:
                 self.slot_request[slot] = None
             self.results[result.request] = result
         self.finished += len(finished)
-
-    def _share(self, finished: Optional[List[Result]]) -> List[Result]:
-        """The last stage's finished results on every PP rank: their pickled size in one
-        broadcast, the bytes in a second only when there are any. Most checks find nothing,
-        and broadcast_object's two collectives and pickling then cost more than a tick."""
-        data = pickle.dumps(finished) if self.is_last and finished else b""
-        size = torch.tensor([len(data)], dtype=torch.long, device=self.device)
-        dist.broadcast(size, src=self.last_rank, group=self.pp_group)
-        n = int(size)
-        if n == 0:
-            return []
-        if self.is_last:
-            dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device),
-                           src=self.last_rank, group=self.pp_group)
-            return finished
-        buffer = torch.empty(n, dtype=torch.uint8, device=self.device)
-        dist.broadcast(buffer, src=self.last_rank, group=self.pp_group)
-        return pickle.loads(buffer.cpu().numpy().tobytes())
 
     def _finished(self) -> List[Result]:
         """The last stage: read the new samples of the running requests to the host and end a
