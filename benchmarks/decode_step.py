@@ -41,16 +41,16 @@ def _megatron(model, tokens, prompt, steps):
     """Step times (s) of megatron's static-batch KV-cached forward; the last logits."""
     from megatron.core.inference.contexts import StaticInferenceContext
 
-    b = tokens.size(0)
+    b, device = tokens.size(0), tokens.device
     context = StaticInferenceContext(b, prompt + steps)
     with torch.no_grad():
-        model(tokens[:, :prompt], torch.arange(prompt).expand(b, -1), None,
+        model(tokens[:, :prompt], torch.arange(prompt, device=device).expand(b, -1), None,
               inference_context=context, runtime_gather_output=True)
         context.sequence_len_offset += prompt
         times, out = [], []
         for cur in range(prompt, prompt + steps):
             start = time.perf_counter()
-            logits = model(tokens[:, cur:cur + 1], torch.full((b, 1), cur), None,
+            logits = model(tokens[:, cur:cur + 1], torch.full((b, 1), cur, device=device), None,
                            inference_context=context, runtime_gather_output=True)
             context.sequence_len_offset += 1
             times.append(time.perf_counter() - start)
@@ -61,16 +61,18 @@ def _megatron(model, tokens, prompt, steps):
 def _ours(model, tokens, prompt, steps, engine_kv_len: bool):
     from megatron_ext.models.decode import ChunkDecoder, SlotCache
 
-    b = tokens.size(0)
+    b, device = tokens.size(0), tokens.device
     cache = SlotCache([model], b, prompt + steps)
     decoder = ChunkDecoder([model], cache)
-    slots, ones = torch.arange(b), torch.ones(b, dtype=torch.long)
-    decoder.forward(0, tokens[:, :prompt], slots, torch.arange(prompt).expand(b, -1),
-                    torch.full((b,), prompt), kv_len=prompt)
+    slots = torch.arange(b, device=device)
+    ones = torch.ones(b, dtype=torch.long, device=device)
+    decoder.forward(0, tokens[:, :prompt], slots, torch.arange(prompt, device=device).expand(b, -1),
+                    torch.full((b,), prompt, device=device), kv_len=prompt)
     times, out = [], []
     for cur in range(prompt, prompt + steps):
         start = time.perf_counter()
-        logits = decoder.forward(0, tokens[:, cur:cur + 1], slots, torch.full((b, 1), cur), ones,
+        logits = decoder.forward(0, tokens[:, cur:cur + 1], slots,
+                                 torch.full((b, 1), cur, device=device), ones,
                                  kv_len=cur + 1 if engine_kv_len else None)
         times.append(time.perf_counter() - start)
         out.append(logits)
@@ -91,6 +93,7 @@ def main(argv=None):
     model, topology = _build(args.overrides)
     tokens = torch.randint(0, 259, (args.batch, args.prompt + args.steps),
                            generator=torch.Generator().manual_seed(0))
+    tokens = tokens.to(next(model.parameters()).device)
     runs = {"megatron static": lambda: _megatron(model, tokens, args.prompt, args.steps),
             "ChunkDecoder": lambda: _ours(model, tokens, args.prompt, args.steps, True),
             "ChunkDecoder, kv_len=None": lambda: _ours(model, tokens, args.prompt, args.steps,

@@ -59,7 +59,7 @@ def document_positions(documents: torch.Tensor) -> torch.Tensor:
     """`[b, s]` document numbers (non-decreasing along a row) -> positions that restart at 0
     where a document starts."""
     s = documents.shape[1]
-    index = torch.arange(s).expand_as(documents)
+    index = torch.arange(s, device=documents.device).expand_as(documents)
     starts = torch.ones_like(documents, dtype=torch.bool)
     starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
     first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
