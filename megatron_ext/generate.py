@@ -1,8 +1,8 @@
 """`python -m megatron_ext.generate <overrides>`: responses of a checkpoint (generate.checkpoint=
 PATH) or of a Hugging Face model (model=hf model.hf_path=DIR) to the prompts of a JSONL file,
 through the generation engine of RL rollouts and eval (models/generate.py), in batches of
-generate.max_batch prompts (the engine's sequence slots). Under TP/PP/DP start it like training: `python -m launch local --nproc N
---entry generate -- <overrides>`; each DP replica answers its contiguous share of the prompts
+generate.max_batch prompts (the engine's sequence slots). Under TP/PP/DP start it like
+training: `python -m launch local --nproc N --entry generate -- <overrides>`; each DP replica answers its contiguous share of the prompts
 (its TP/PP ranks together), and global rank 0 gathers them and writes generate.out in the
 input order, one record per prompt: prompt, response, token_ids (generated, EOS included),
 logprobs (per generated token, at temperature 1 over the real vocab, whatever the sampling
@@ -87,29 +87,6 @@ def prompt_ids(record: Dict, tokenizer, chat_template: str) -> List[int]:
     return encode(record["prompt"])
 
 
-def logprobs_at_t1(chunks, tokens, vocab: int, tp_group, pp_group):
-    """`[b, L]` log-probabilities at temperature 1 over the real vocab of each token given the
-    ones before it (column 0 is 0), from one teacher-forced forward of the whole pipeline;
-    every rank gets them. Sampled rollouts record their log-probs at the sampling temperature,
-    which is what PPO needs but not what a user reads."""
-    import torch
-    import torch.distributed as dist
-    import torch.nn.functional as F
-
-    from megatron_ext.models.generate import _Stages
-    stages = _Stages(chunks, pp_group)
-    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-    out = torch.zeros(tokens.shape, dtype=torch.float32, device=tokens.device)
-    with torch.no_grad():
-        logits = stages(tokens, positions, None)
-        if stages.is_last:
-            logp = F.log_softmax(logits[:, :-1, :vocab].float(), dim=-1)
-            out[:, 1:] = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
-    if stages.pp > 1:
-        dist.broadcast(out, src=stages.last, group=pp_group)
-    return out
-
-
 def dp_share(count: int, batch_size: int, dp: int, dp_rank: int) -> range:
     """The indices of the prompts DP rank `dp_rank` of `dp` answers: a contiguous run of whole
     batches (the first ranks one batch more), so each batch is the one a single process runs,
@@ -167,7 +144,7 @@ def run(cfg: Config, topo, log) -> Optional[List[Dict]]:
     where = (f" on DP rank {topo.dp_rank} of {dp} (records {share.start + 1}-{share.stop} of "
              f"{len(records)})" if dp > 1 else "")
     params = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                            top_p=g.top_p)
+                            top_p=g.top_p, logprob_temperature=1.0)  # what a user reads
     # each DP replica its own sampling stream (DP1 keeps the seed's)
     generator = torch.Generator(device=topo.device).manual_seed(cfg.seed + topo.dp_rank)
     tp = topo.tp_group if topo.dims.tp > 1 else None
@@ -178,14 +155,12 @@ def run(cfg: Config, topo, log) -> Optional[List[Dict]]:
         ids = [prompt_ids(r, tokenizer, g.chat_template) for r in batch]
         roll = generate(chunks, ids, tokenizer, params, vocab_size=vocab, generator=generator,
                         tp_group=tp, pp_group=pp, num_slots=g.max_batch, engine=g.engine)
-        logprobs = (roll.logprobs if g.temperature in (0, 1) else
-                    logprobs_at_t1(chunks, roll.tokens, vocab, tp, pp))
         for i, record in enumerate(batch):
             start, n = int(roll.prompt_lens[i]), int(roll.response_lens[i])
             out.append({"prompt": record.get("prompt", record.get("messages")),
                         "response": roll.texts[i],
                         "token_ids": roll.tokens[i, start:start + n].tolist(),
-                        "logprobs": logprobs[i, start:start + n].tolist(),
+                        "logprobs": roll.logprobs[i, start:start + n].tolist(),
                         "finish_reason": roll.finish_reasons[i]})
         tokens = sum(len(r["token_ids"]) for r in out)
         if _replica_lead(topo):  # the progress of every DP replica

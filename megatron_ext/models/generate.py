@@ -31,7 +31,8 @@ Log-probs: `logprobs[i, j]` is log softmax(logits / temperature)[tokens[i, j]] g
 tokens[i, :j], with the vocab cut to `vocab_size` and no top-p truncation, as verl records
 them; the trainer must compute the new policy's log-probs the same way
 (`logprobs_from_logits(..., vocab_size=, temperature=)`), so the first PPO ratio is exactly 1.
-Greedy rollouts (temperature 0) record log-probs at temperature 1.
+Greedy rollouts (temperature 0) record log-probs at temperature 1;
+`SamplingParams.logprob_temperature` records them at another one (the generate CLI: 1).
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ class SamplingParams:
     temperature: float = 1.0  # 0: greedy (argmax)
     top_p: float = 1.0  # nucleus mass; 1: off
     stop: Sequence[str] = ()  # stop when the response text contains one of these
+    # the temperature the log-probs are recorded at (None: the sampling one; greedy: 1)
+    logprob_temperature: Optional[float] = None
 
     def check(self) -> None:
         if self.max_new_tokens < 1:
@@ -64,6 +67,17 @@ class SamplingParams:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if any(not s for s in self.stop):
             raise ValueError(f"stop={list(self.stop)} holds an empty string; remove it")
+        if self.logprob_temperature is not None and self.logprob_temperature <= 0:
+            raise ValueError(f"logprob_temperature={self.logprob_temperature} must be > 0 "
+                             "(None: the sampling temperature)")
+
+    def recorded(self, logits: torch.Tensor, sampling: Optional[torch.Tensor]) -> torch.Tensor:
+        """The log-probs recorded for `logits`: `sampling` (the sampling temperature's, None
+        when greedy) when they are at the recording temperature, else computed at it."""
+        at = self.logprob_temperature or (self.temperature if sampling is not None else 1.0)
+        if sampling is not None and at == self.temperature:
+            return sampling
+        return F.log_softmax(logits / at, dim=-1)
 
 
 @dataclasses.dataclass
@@ -131,7 +145,7 @@ def _sample(logits: torch.Tensor, params: SamplingParams, seed: int, requests: t
     """(token `[n]`, its log-prob `[n]`) from fp32 logits `[n, v]` of rows (request, step)."""
     if params.temperature == 0:
         token = logits.argmax(dim=-1)
-        return token, F.log_softmax(logits, dim=-1).gather(-1, token[:, None]).squeeze(-1)
+        return token, params.recorded(logits, None).gather(-1, token[:, None]).squeeze(-1)
     logprobs = F.log_softmax(logits / params.temperature, dim=-1)
     scores = logprobs
     if params.top_p < 1:
@@ -142,7 +156,7 @@ def _sample(logits: torch.Tensor, params: SamplingParams, seed: int, requests: t
             -1, order, probs.cumsum(dim=-1) - probs >= params.top_p)
         scores = logprobs.masked_fill(drop, float("-inf"))
     token = (scores + _gumbel(seed, requests, steps, logits.shape[-1])).argmax(dim=-1)
-    return token, logprobs.gather(-1, token[:, None]).squeeze(-1)
+    return token, params.recorded(logits, logprobs).gather(-1, token[:, None]).squeeze(-1)
 
 
 def _unwrap(model):
@@ -546,43 +560,6 @@ class Engine:
             results.append(Result(r, tokens, logp[:n], text, reason))
             self.host[r] = []
         return results
-
-
-class _Stages:
-    """One teacher-forced forward of this rank's model chunks, chained with the other pipeline
-    ranks: chunk v of rank r takes its input from rank r-1 (rank pp-1's chunk v-1 for r = 0)
-    and sends its output to rank r+1, as in megatron's interleaved schedule. Returns the
-    gathered logits on the last stage, None elsewhere (the generate CLI's log-probs)."""
-
-    def __init__(self, chunks, pp_group):
-        self.chunks, self.inner = chunks, [_unwrap(c) for c in chunks]
-        self.pp = 1 if pp_group is None else dist.get_world_size(pp_group)
-        if self.pp == 1 and not (self.inner[0].pre_process and self.inner[-1].post_process):
-            raise ValueError("the model is one pipeline stage of several (pre_process/"
-                             "post_process is False); pass pp_group, megatron's pipeline group")
-        config = self.inner[0].config
-        self.group, self.config = pp_group, config
-        if self.pp > 1:
-            rank = dist.get_rank(pp_group)
-            self.prev = dist.get_global_rank(pp_group, (rank - 1) % self.pp)
-            self.next = dist.get_global_rank(pp_group, (rank + 1) % self.pp)
-            self.last = dist.get_global_rank(pp_group, self.pp - 1)
-        self.is_last = self.inner[-1].post_process
-
-    def __call__(self, tokens, positions, context) -> Optional[torch.Tensor]:
-        for chunk, inner in zip(self.chunks, self.inner):
-            if not inner.pre_process:
-                hidden = torch.empty(tokens.size(1), tokens.size(0), self.config.hidden_size,
-                                     dtype=self.config.pipeline_dtype or self.config.params_dtype,
-                                     device=tokens.device)
-                dist.recv(hidden, src=self.prev, group=self.group)
-                inner.set_input_tensor(hidden)
-            out = chunk(tokens, positions, None, inference_context=context,
-                        runtime_gather_output=True)
-            if inner.post_process:
-                return out
-            dist.send(out.contiguous(), dst=self.next, group=self.group)
-        return None
 
 
 def _shared_seed(generator: torch.Generator, tp_group, pp_group) -> int:

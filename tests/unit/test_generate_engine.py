@@ -90,6 +90,25 @@ def test_samples_do_not_depend_on_the_schedule(monkeypatch):
             seq.append(token)
 
 
+def test_logprobs_recorded_at_another_temperature_keep_the_samples(monkeypatch):
+    """logprob_temperature=1 (the generate CLI) draws the same tokens as sampling at 0.9 and
+    records each one's log-prob at temperature 1."""
+    use_scripted(monkeypatch)
+    sampling = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.9)
+    at_t1 = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.9, logprob_temperature=1)
+    want, _, _ = run_engine(PROMPTS, sampling, 3, seed=5)
+    got, _, _ = run_engine(PROMPTS, at_t1, 3, seed=5)
+    assert [r.tokens for r in got] == [r.tokens for r in want]
+    for prompt, r in zip(PROMPTS, got):
+        seq = list(prompt)
+        for token, logp in zip(r.tokens, r.logprobs):
+            assert abs(logp - float(F.log_softmax(random_logits(seq)[:TOK.vocab_size],
+                                                  dim=-1)[token])) < 1e-5
+            seq.append(token)
+    with pytest.raises(ValueError, match="logprob_temperature=0 must be > 0"):
+        SamplingParams(logprob_temperature=0).check()
+
+
 def test_slots_are_refilled_and_checks_are_not_per_token(monkeypatch):
     use_scripted(monkeypatch)
     params = SamplingParams(max_new_tokens=6, temperature=0)
