@@ -1,0 +1,177 @@
+"""Fixed-shape decode passes of a ChunkDecoder, replayed from CUDA graphs on a GPU.
+
+A CUDA graph replays fixed kernels on fixed addresses, while a decode pass of the engine has
+n running rows (fewer as rows finish) attending over kv_len cache positions (one more each
+tick). So a pass runs at a bucket: its rows padded to `row_bucket(n)` (powers of two up to the
+group's slot count, and that count), its key length to `key_bucket(kv_len)` (a multiple of
+`key_block`, at most max_len); the causal mask hides the keys past each row's position, and a
+padding row decodes token 0 of slot 0 at position max_len, the cache's scratch column, so it
+never writes a live slot's cache and no real row attends to what it writes. Its inputs are
+copied into static buffers, one set per (chunk, row bucket), and every (chunk, row bucket, key
+bucket) runs one callable over them: on CUDA the graph `capture` recorded (all graphs in one
+memory pool), elsewhere the decoder itself, eagerly, over the very same buffers, which is how
+the CPU tests check the bucketing. Rows are independent in every op of a layer (the linears,
+norms, attention and TP collectives act per row), so padding leaves the real rows' logits as
+they are, up to the reduction order a kernel picks for another shape.
+
+Only decode passes run here; prefill (right-padded prompts of any length) stays eager, and so
+does sampling: it reads the `[n, vocab]` logits this returns, with the per-request noise
+index and top-p sort that the engine's sampler already runs without a host sync, and keeping
+it out keeps its samples the eager path's by construction. What a call returns is the graph's
+static output: consume or copy it before the same bucket runs again (the engine samples from
+or packs it in the same tick). The graphs read the weights and the KV cache at the addresses
+they were captured on: the engine is built per generate() call and releases its graphs with
+its cache (Engine.release, before each training step), so no graph outlives either.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from megatron_ext.models.decode import ChunkDecoder
+
+
+def row_bucket(n: int, limit: int) -> int:
+    """Rows a pass of n rows runs at: the smallest power of two >= n, or `limit`."""
+    if not 1 <= n <= limit:
+        raise ValueError(f"a decode pass of {n} rows must have 1 to {limit} (the group's slots)")
+    return min(1 << (n - 1).bit_length(), limit)
+
+
+def key_bucket(kv_len: int, max_len: int, block: int) -> int:
+    """Cache positions a pass attending over kv_len runs at: kv_len rounded up to a multiple
+    of `block`, at most max_len."""
+    if not 1 <= kv_len <= max_len:
+        raise ValueError(f"kv_len={kv_len} must be in [1, max_len={max_len}]")
+    return min(-(-kv_len // block) * block, max_len)
+
+
+def unsupported(chunks) -> Optional[str]:
+    """Why `chunks` cannot decode from CUDA graphs (None: they can): not on CUDA, or a module
+    with forward hooks (an offloaded network streams its weights in them; a replay runs none)."""
+    hooked = [name for c in chunks for name, m in c.named_modules()
+              if m._forward_hooks or m._forward_pre_hooks]
+    if hooked:
+        return (f"no forward hooks on the model (found on {hooked[0] or 'the model'}: a replay "
+                "would not run them)")
+    device = next(chunks[0].parameters()).device
+    if device.type != "cuda":
+        return f"the model on a CUDA device (it is on {device})"
+    return None
+
+
+def capture(fn: Callable[[], torch.Tensor], pool, warmup: int = 2):
+    """(graph, output): fn recorded in a CUDA graph in memory pool `pool`, after `warmup` runs
+    on a side stream (torch's rule: lazy initialisations, e.g. cuBLAS and NCCL, must not land
+    in the graph). fn must be idempotent: the warmup runs write the same K/V the replays do.
+    The capture runs nothing: replay the graph to compute `output`."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        output = fn()
+    return graph, output
+
+
+class _Inputs:
+    """The static inputs of chunk v at row bucket N; rows n.. are padding."""
+
+    def __init__(self, first: bool, rows: int, hidden: int, dtype, device, scratch: int):
+        self.scratch = scratch
+        self.x = (torch.zeros(rows, 1, dtype=torch.long, device=device) if first
+                  else torch.zeros(1, rows, hidden, dtype=dtype, device=device))
+        self.slots = torch.zeros(rows, dtype=torch.long, device=device)
+        self.positions = torch.full((rows, 1), scratch, dtype=torch.long, device=device)
+        self.lengths = torch.ones(rows, dtype=torch.long, device=device)
+
+    def load(self, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> None:
+        """Copy a pass's n rows in; the padding rows go back to slot 0's scratch column (a
+        larger pass may have left live slots there). Device copies only."""
+        n = slots.shape[0]
+        if self.x.dtype == torch.long:
+            self.x[:n].copy_(x)
+            self.x[n:].zero_()
+        else:  # a stale padding hidden state is finite, and rows do not mix
+            self.x[:, :n].copy_(x)
+        self.slots[:n].copy_(slots)
+        self.slots[n:].zero_()
+        self.positions[:n].copy_(positions)
+        self.positions[n:].fill_(self.scratch)
+
+
+class DecodeGraphs:
+    """Decode passes of `decoder` at fixed shapes (see the module docstring).
+
+    rows: the most rows a pass has (the engine's largest group). graphs: record each bucket
+    in a CUDA graph (the model on CUDA), else run it eagerly. `captures` counts the buckets
+    made so far (one per (chunk, row bucket, key bucket), not per pass)."""
+
+    def __init__(self, decoder: ChunkDecoder, *, rows: int, hidden: int, dtype,
+                 graphs: bool, key_block: int = 128):
+        device = decoder.cache.kv.device
+        missing = unsupported(decoder.models) if graphs else None
+        if missing is not None:
+            raise ValueError(f"CUDA graphs need {missing}; use cuda_graphs=false (or auto)")
+        if rows < 1 or key_block < 1:
+            raise ValueError(f"rows={rows} and key_block={key_block} must be >= 1")
+        self.decoder, self.rows, self.block = decoder, rows, key_block
+        self.hidden, self.dtype, self.device = hidden, dtype, device
+        self.pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.inputs: Dict[Tuple[int, int], _Inputs] = {}
+        self.runs: Dict[Tuple[int, int, int], Callable[[], torch.Tensor]] = {}
+        self.graphs = []
+        self.captures = 0
+
+    def __call__(self, v: int, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                 kv_len: int) -> torch.Tensor:
+        """ChunkDecoder.forward of a decode pass (t = 1, every length 1): x token ids `[n, 1]`
+        on the first stage, else the previous stage's hidden `[1, n, h]`; the output's n real
+        rows (hidden `[1, n, h]` or fp32 logits `[n, vocab]`), valid until this bucket runs
+        again."""
+        if self.decoder.cache.kv is None:
+            raise RuntimeError("the DecodeGraphs were released with their cache; make a new "
+                               "engine to generate again")
+        n = slots.shape[0]
+        rows = row_bucket(n, self.rows)
+        keys = key_bucket(kv_len, self.decoder.cache.max_len, self.block)
+        first = self.decoder.models[v].pre_process
+        inputs = self.inputs.get((v, rows))
+        if inputs is None:
+            inputs = self.inputs[v, rows] = _Inputs(first, rows, self.hidden, self.dtype,
+                                                    self.device, self.decoder.cache.max_len)
+        inputs.load(x, slots, positions)
+        run = self.runs.get((v, rows, keys))
+        if run is None:
+            run = self.runs[v, rows, keys] = self._make(v, inputs, keys)
+            self.captures += 1
+        out = run()
+        return out[:, :n] if out.dim() == 3 else out[:n]
+
+    def _make(self, v: int, inputs: _Inputs, keys: int) -> Callable[[], torch.Tensor]:
+        def step():
+            return self.decoder(v, inputs.x, inputs.slots, inputs.positions, inputs.lengths,
+                                keys)
+        if self.pool is None:
+            return step
+        graph, output = capture(step, self.pool)
+        self.graphs.append(graph)
+
+        def replay():
+            graph.replay()
+            return output
+        return replay
+
+    def release(self) -> None:
+        """Drop every graph, its pool and the static buffers (before a training step)."""
+        self.runs.clear()
+        self.inputs.clear()
+        for graph in self.graphs:
+            graph.reset()
+        self.graphs, self.pool = [], None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the pool's blocks go back when no graph holds them
