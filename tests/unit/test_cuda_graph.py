@@ -216,3 +216,16 @@ def test_config_rejects_cuda_graphs_on_cpu(tmp_path):
     for value in ("auto", "false", "False"):  # False: what Hydra makes of `false` in a yaml
         validate(compose_config(["logging=none", f"generate.cuda_graphs={value}", *rl,
                                  f"rl.cuda_graphs={value}"]), 1)
+
+
+def test_gpu_check_stage_dry_run(tmp_path):
+    """benchmarks/gpu/graphs.py (check.sh's stage) on a CPU: fixed shapes against eager."""
+    from .test_gpu_check import _piece, _rows
+
+    run, table = _piece("graphs", tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = _rows(table, "dtype")
+    assert [(r[0], r[1]) for r in rows] == [("fp32", "1"), ("fp32", "16"), ("bf16", "1"),
+                                            ("bf16", "16")]
+    assert all(r[5] == "yes" and r[-1] == "ok" and float(r[2]) > 0 for r in rows)
+    assert all(float(r[6]) <= 1e-5 for r in rows[:2])
