@@ -8,8 +8,8 @@ group's slot count, and that count), its key length to `key_bucket(kv_len)` (a m
 padding row decodes token 0 of slot 0 at position max_len, the cache's scratch column, so it
 never writes a live slot's cache and no real row attends to what it writes. Its inputs are
 copied into static buffers, one set per (chunk, row bucket), and every (chunk, row bucket, key
-bucket) runs one callable over them: on CUDA the graph `capture` recorded (all graphs in one
-memory pool), elsewhere the decoder itself, eagerly, over the very same buffers, which is how
+bucket) runs one callable over them: on CUDA the graph `capture` recorded (one memory pool per
+chunk, shared by its buckets), elsewhere the decoder itself, eagerly, over the very same buffers, which is how
 the CPU tests check the bucketing. Rows are independent in every op of a layer (the linears,
 norms, attention and TP collectives act per row), so padding leaves the real rows' logits as
 they are, up to the reduction order a kernel picks for another shape.
@@ -18,8 +18,11 @@ Only decode passes run here; prefill (right-padded prompts of any length) stays 
 does sampling: it reads the `[n, vocab]` logits this returns, with the per-request noise
 index and top-p sort that the engine's sampler already runs without a host sync, and keeping
 it out keeps its samples the eager path's by construction. What a call returns is the graph's
-static output: consume or copy it before the same bucket runs again (the engine samples from
-or packs it in the same tick). The graphs read the weights and the KV cache at the addresses
+static output: consume or copy it before the same chunk runs again (the engine samples from
+or packs it in the same tick). Why a pool per chunk and not one: the graphs of one pool may
+hold an output where another's intermediates lie, and with VPP the hidden states of all this
+rank's chunks are packed into one message after they all ran; a chunk runs one decode pass a
+tick, so its buckets never clobber each other's output before it is used. The graphs read the weights and the KV cache at the addresses
 they were captured on: the engine is built per generate() call and releases its graphs with
 its cache (Engine.release, before each training step), so no graph outlives either.
 """
@@ -61,7 +64,7 @@ def unsupported(chunks) -> Optional[str]:
     return None
 
 
-def capture(fn: Callable[[], torch.Tensor], pool, warmup: int = 2):
+def capture(fn: Callable[[], torch.Tensor], pool, warmup: int = 3):
     """(graph, output): fn recorded in a CUDA graph in memory pool `pool`, after `warmup` runs
     on a side stream (torch's rule: lazy initialisations, e.g. cuBLAS and NCCL, must not land
     in the graph). fn must be idempotent: the warmup runs write the same K/V the replays do.
@@ -73,7 +76,8 @@ def capture(fn: Callable[[], torch.Tensor], pool, warmup: int = 2):
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    # thread_local as megatron's: other threads' CUDA calls (NCCL's watchdog) stay legal
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         output = fn()
     return graph, output
 
@@ -121,7 +125,7 @@ class DecodeGraphs:
             raise ValueError(f"rows={rows} and key_block={key_block} must be >= 1")
         self.decoder, self.rows, self.block = decoder, rows, key_block
         self.hidden, self.dtype, self.device = hidden, dtype, device
-        self.pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.pools = {} if graphs else None  # chunk -> its memory pool
         self.inputs: Dict[Tuple[int, int], _Inputs] = {}
         self.runs: Dict[Tuple[int, int, int], Callable[[], torch.Tensor]] = {}
         self.graphs = []
@@ -156,9 +160,11 @@ class DecodeGraphs:
         def step():
             return self.decoder(v, inputs.x, inputs.slots, inputs.positions, inputs.lengths,
                                 keys)
-        if self.pool is None:
+        if self.pools is None:
             return step
-        graph, output = capture(step, self.pool)
+        if v not in self.pools:
+            self.pools[v] = torch.cuda.graph_pool_handle()
+        graph, output = capture(step, self.pools[v])
         self.graphs.append(graph)
 
         def replay():
@@ -172,6 +178,8 @@ class DecodeGraphs:
         self.inputs.clear()
         for graph in self.graphs:
             graph.reset()
-        self.graphs, self.pool = [], None
+        self.graphs = []
+        if self.pools is not None:
+            self.pools.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the pool's blocks go back when no graph holds them
