@@ -83,83 +83,103 @@ def capture(fn: Callable[[], torch.Tensor], pool, warmup: int = 3):
 
 
 class _Inputs:
-    """The static inputs of chunk v at row bucket N; rows n.. are padding."""
+    """The static inputs of chunk v at a row bucket. Compact (group None): the pass's n rows
+    first, rows n.. padding. A whole group g (the bucket is its slot count): row j is the
+    group's slot j, always; its absent rows are padding, and attention reads the group's
+    slots as a view of the cache."""
 
-    def __init__(self, first: bool, rows: int, hidden: int, dtype, device, scratch: int):
-        self.scratch = scratch
+    def __init__(self, first: bool, rows: int, hidden: int, dtype, device, scratch: int,
+                 group: Optional[int], stride: int):
+        self.scratch, self.stride = scratch, stride
+        self.view = None if group is None else slice(group, group + rows * stride, stride)
         self.x = (torch.zeros(rows, 1, dtype=torch.long, device=device) if first
                   else torch.zeros(1, rows, hidden, dtype=dtype, device=device))
-        self.slots = torch.zeros(rows, dtype=torch.long, device=device)
+        self.slots = (torch.zeros(rows, dtype=torch.long, device=device) if group is None else
+                      torch.arange(group, group + rows * stride, stride, device=device))
         self.positions = torch.full((rows, 1), scratch, dtype=torch.long, device=device)
         self.lengths = torch.ones(rows, dtype=torch.long, device=device)
 
-    def load(self, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> None:
-        """Copy a pass's n rows in; the padding rows go back to slot 0's scratch column (a
-        larger pass may have left live slots there). Device copies only."""
+    def load(self, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor):
+        """Copy a pass's n rows in, device copies only; the padding rows decode at the scratch
+        column (of slot 0, or of their group slot): a larger pass may have left a live slot's
+        position there. Returns the static row of each pass row (None: the first n)."""
         n = slots.shape[0]
+        if self.view is None:
+            if self.x.dtype == torch.long:
+                self.x[:n].copy_(x)
+                self.x[n:].zero_()
+            else:  # a stale padding hidden state is finite, and rows do not mix
+                self.x[:, :n].copy_(x)
+            self.slots[:n].copy_(slots)
+            self.slots[n:].zero_()
+            self.positions[:n].copy_(positions)
+            self.positions[n:].fill_(self.scratch)
+            return None
+        rows = torch.div(slots, self.stride, rounding_mode="floor")  # slot g + j * stride
         if self.x.dtype == torch.long:
-            self.x[:n].copy_(x)
-            self.x[n:].zero_()
-        else:  # a stale padding hidden state is finite, and rows do not mix
-            self.x[:, :n].copy_(x)
-        self.slots[:n].copy_(slots)
-        self.slots[n:].zero_()
-        self.positions[:n].copy_(positions)
-        self.positions[n:].fill_(self.scratch)
+            self.x.zero_()
+        self.x.index_copy_(0 if self.x.dtype == torch.long else 1, rows, x)
+        self.positions.fill_(self.scratch)
+        self.positions.index_copy_(0, rows, positions)
+        return rows
 
 
 class DecodeGraphs:
     """Decode passes of `decoder` at fixed shapes (see the module docstring).
 
-    rows: the most rows a pass has (the engine's largest group). graphs: record each bucket
-    in a CUDA graph (the model on CUDA), else run it eagerly. `captures` counts the buckets
-    made so far (one per (chunk, row bucket, key bucket), not per pass)."""
+    groups: the engine's slot groups, group g holding slots g, g + groups, ... of the cache.
+    graphs: record each bucket in a CUDA graph (the model on CUDA), else run it eagerly.
+    `captures` counts the buckets made so far (one per (chunk, rows, group, key bucket), not
+    per pass)."""
 
-    def __init__(self, decoder: ChunkDecoder, *, rows: int, hidden: int, dtype,
+    def __init__(self, decoder: ChunkDecoder, *, groups: int, hidden: int, dtype,
                  graphs: bool, key_block: int = 128):
         device = decoder.cache.kv.device
         missing = unsupported(decoder.models) if graphs else None
         if missing is not None:
             raise ValueError(f"CUDA graphs need {missing}; use cuda_graphs=false (or auto)")
-        if rows < 1 or key_block < 1:
-            raise ValueError(f"rows={rows} and key_block={key_block} must be >= 1")
-        self.decoder, self.rows, self.block = decoder, rows, key_block
+        if groups < 1 or key_block < 1:
+            raise ValueError(f"groups={groups} and key_block={key_block} must be >= 1")
+        self.decoder, self.groups, self.block = decoder, groups, key_block
         self.hidden, self.dtype, self.device = hidden, dtype, device
         self.pools = {} if graphs else None  # chunk -> its memory pool
-        self.inputs: Dict[Tuple[int, int], _Inputs] = {}
-        self.runs: Dict[Tuple[int, int, int], Callable[[], torch.Tensor]] = {}
+        self.inputs: Dict[Tuple[int, int, Optional[int]], _Inputs] = {}
+        self.runs: Dict[Tuple[int, int, Optional[int], int], Callable[[], torch.Tensor]] = {}
         self.graphs = []
         self.captures = 0
 
     def __call__(self, v: int, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-                 kv_len: int) -> torch.Tensor:
-        """ChunkDecoder.forward of a decode pass (t = 1, every length 1): x token ids `[n, 1]`
-        on the first stage, else the previous stage's hidden `[1, n, h]`; the output's n real
-        rows (hidden `[1, n, h]` or fp32 logits `[n, vocab]`), valid until this bucket runs
-        again."""
-        if self.decoder.cache.kv is None:
+                 kv_len: int, group: int) -> torch.Tensor:
+        """ChunkDecoder.forward of a decode pass (t = 1, every length 1) of slots of group
+        `group`: x token ids `[n, 1]` on the first stage, else the previous stage's hidden
+        `[1, n, h]`; the output's n rows, in the pass's order (hidden `[1, n, h]` or fp32
+        logits `[n, vocab]`), valid until this chunk runs again."""
+        cache = self.decoder.cache
+        if cache.kv is None:
             raise RuntimeError("the DecodeGraphs were released with their cache; make a new "
                                "engine to generate again")
-        n = slots.shape[0]
-        rows = row_bucket(n, self.rows)
-        keys = key_bucket(kv_len, self.decoder.cache.max_len, self.block)
-        first = self.decoder.models[v].pre_process
-        inputs = self.inputs.get((v, rows))
+        size = len(range(group, cache.num_slots, self.groups))
+        rows = row_bucket(slots.shape[0], size)
+        keys = key_bucket(kv_len, cache.max_len, self.block)
+        whole = group if rows == size else None  # the whole group, as a view
+        inputs = self.inputs.get((v, rows, whole))
         if inputs is None:
-            inputs = self.inputs[v, rows] = _Inputs(first, rows, self.hidden, self.dtype,
-                                                    self.device, self.decoder.cache.max_len)
-        inputs.load(x, slots, positions)
-        run = self.runs.get((v, rows, keys))
+            inputs = self.inputs[v, rows, whole] = _Inputs(
+                self.decoder.models[v].pre_process, rows, self.hidden, self.dtype, self.device,
+                cache.max_len, whole, self.groups)
+        where = inputs.load(x, slots, positions)
+        run = self.runs.get((v, rows, whole, keys))
         if run is None:
-            run = self.runs[v, rows, keys] = self._make(v, inputs, keys)
+            run = self.runs[v, rows, whole, keys] = self._make(v, inputs, keys)
             self.captures += 1
         out = run()
-        return out[:, :n] if out.dim() == 3 else out[:n]
+        n, dim = slots.shape[0], out.dim() - 2  # hidden [1, rows, h]; logits [rows, vocab]
+        return out.narrow(dim, 0, n) if where is None else out.index_select(dim, where)
 
     def _make(self, v: int, inputs: _Inputs, keys: int) -> Callable[[], torch.Tensor]:
         def step():
             return self.decoder(v, inputs.x, inputs.slots, inputs.positions, inputs.lengths,
-                                keys)
+                                keys, inputs.view)
         if self.pools is None:
             return step
         if v not in self.pools:

@@ -276,8 +276,8 @@ class Engine:
         self.stop = _StopScan(params.stop, tokenizer)
         # the scheduler, the same on every rank
         self.group_slots = [list(range(g, num_slots, self.groups)) for g in range(self.groups)]
-        self.graphs = (DecodeGraphs(self.decoder, rows=len(self.group_slots[0]),
-                                    hidden=self.hidden, dtype=self.dtype, graphs=cuda_graphs)
+        self.graphs = (DecodeGraphs(self.decoder, groups=self.groups, hidden=self.hidden,
+                                    dtype=self.dtype, graphs=cuda_graphs)
                        if cuda_graphs or fixed_shape else None)
         self.slot_request: List[Optional[int]] = [None] * num_slots
         self.prompts: List[List[int]] = []
@@ -373,7 +373,8 @@ class Engine:
                           None if pas.prefill is None else pas.prefill.ids)
             else:
                 inputs = received[v]
-            out = [None if rows is None else self._forward(v, x, rows, rows is pas.decode)
+            out = [None if rows is None else
+                   self._forward(v, x, rows, pas.group if rows is pas.decode else None)
                    for x, rows in zip(inputs, (pas.decode, pas.prefill))]
             if stage == self.stages - 1:
                 tokens = self._sample(pas, torch.cat([o for o in out if o is not None]))
@@ -397,10 +398,11 @@ class Engine:
             del self.passes[start]  # its tokens reached stage 0 this tick
         self.tick += 1
 
-    def _forward(self, v: int, x, rows: _Rows, decode: bool) -> torch.Tensor:
-        """Chunk v on a pass's decode or prefill rows; decode at fixed shapes when set."""
-        if decode and self.graphs is not None:
-            return self.graphs(v, x, rows.slots, rows.positions, rows.kv_len)
+    def _forward(self, v: int, x, rows: _Rows, group: Optional[int]) -> torch.Tensor:
+        """Chunk v on a pass's prefill rows, or its decode rows of `group`: at fixed shapes
+        when set."""
+        if group is not None and self.graphs is not None:
+            return self.graphs(v, x, rows.slots, rows.positions, rows.kv_len, group)
         return self.decoder(v, x, rows.slots, rows.positions, rows.lengths, rows.kv_len)
 
     def _idle(self, t: int) -> bool:

@@ -56,9 +56,11 @@ def run(chunks, params, **options):
     if engine.graphs is not None:  # every decode pass's bucket
         inner = engine.graphs.__call__
 
-        def counting(v, x, slots, positions, kv_len):
-            calls.append((v, row_bucket(len(slots), 5), key_bucket(kv_len, engine.max_len, 128)))
-            return inner(v, x, slots, positions, kv_len)
+        def counting(v, x, slots, positions, kv_len, group):
+            rows = row_bucket(len(slots), 5)
+            calls.append((v, rows, group if rows == 5 else None,
+                          key_bucket(kv_len, engine.max_len, 128)))
+            return inner(v, x, slots, positions, kv_len, group)
         engine.graphs = _Calls(engine.graphs, counting)
     for p in prompts():
         engine.add_request(p)
@@ -100,12 +102,13 @@ def test_fixed_shapes_and_graphs_give_the_engines_rollouts(model, monkeypatch, p
     fixed, engine = run(model, params, fixed_shape=True)
     assert_same(fixed, want, "fixed shapes")
     buckets = set(engine.calls)
-    assert {k for _, _, k in buckets} == {128, max(LENS) + MAX_NEW}
-    assert len({n for _, n, _ in buckets}) > 1  # refills and finished rows change the rows
+    assert {k for *_, k in buckets} == {128, max(LENS) + MAX_NEW}
+    # refills and finished rows change the rows: the whole group (a view) and compact buckets
+    assert {n for _, n, _, _ in buckets} >= {5, 4} and {g for *_, g, _ in buckets} == {0, None}
     # one static-buffer set per (chunk, rows), one callable per bucket, reused by every pass
-    assert sorted(engine.graphs.runs) == sorted(buckets)
+    assert sorted(engine.graphs.runs, key=str) == sorted(buckets, key=str)
     assert engine.graphs.captures == len(buckets) < len(engine.calls) // 10
-    assert sorted(engine.graphs.inputs) == sorted({(v, n) for v, n, _ in buckets})
+    assert sorted(engine.graphs.inputs, key=str) == sorted({k[:3] for k in buckets}, key=str)
     engine.release()
     assert not engine.graphs.runs and not engine.graphs.inputs
 
@@ -118,7 +121,7 @@ def test_fixed_shapes_and_graphs_give_the_engines_rollouts(model, monkeypatch, p
     assert all(g.released for g in graphs) and not engine.graphs.graphs
     with pytest.raises(RuntimeError, match="released"):
         engine.graphs(0, torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
-                      torch.zeros(1, 1, dtype=torch.long), 1)
+                      torch.zeros(1, 1, dtype=torch.long), 1, 0)
 
 
 def test_logprobs_equal_the_training_forward(model):
@@ -142,25 +145,27 @@ def test_padding_rows_never_touch_a_live_slot(model):
 
     caches = [SlotCache(model, 6, 40) for _ in range(2)]
     decoders = [ChunkDecoder(model, cache) for cache in caches]
-    graphs = DecodeGraphs(decoders[0], rows=6, hidden=model[0].config.hidden_size,
+    graphs = DecodeGraphs(decoders[0], groups=1, hidden=model[0].config.hidden_size,
                           dtype=torch.float32, graphs=False, key_block=16)
     ids = torch.randint(0, 256, (6, 10), generator=torch.Generator().manual_seed(1))
     for decoder in decoders:
         decoder(0, ids, torch.arange(6), torch.arange(10).expand(6, -1), torch.full((6,), 10),
                 10)
-    passes = [([0, 1, 2, 3, 4], 10),  # bucket 6, one padding row
+    passes = [([0, 1, 2, 3, 4], 10),  # bucket 6, the whole group: slot 5 is padding
               ([1, 2, 3], 11), ([0, 2, 4], 11),  # bucket 4, row 3 padding
               ([5, 4, 3, 2], 11),  # bucket 4 full: row 3 holds slot 2 at position 11
               ([0], 11), ([5], 10),  # bucket 1
-              ([4, 1, 0], 12)]  # bucket 4: row 3 is padding again
+              ([4, 1, 0], 12),  # bucket 4: row 3 is padding again
+              ([3, 0, 5, 1, 4, 2], 12)]  # the whole group again, rows out of slot order
     for slots, position in passes:
         n = len(slots)
         args = (torch.full((n, 1), 5), torch.tensor(slots), torch.full((n, 1), position))
-        got = graphs(0, *args, position + 1)
+        got = graphs(0, *args, position + 1, 0)
         want = decoders[1](0, *args, torch.ones(n, dtype=torch.long), position + 1)
         assert got.shape == want.shape == (n, VOCAB)
         assert (got - want).abs().max().item() <= TOL, (slots, position)
-    assert graphs.captures == 3 and sorted(graphs.inputs) == [(0, 1), (0, 4), (0, 6)]
+    assert graphs.captures == 3
+    assert sorted(graphs.inputs, key=str) == [(0, 1, None), (0, 4, None), (0, 6, 0)]
     live = [cache.kv[:, :, :40] for cache in caches]  # column 40 is the scratch
     assert (live[0] - live[1]).abs().max().item() <= TOL, "padding wrote into a live slot"
     assert not torch.equal(caches[0].kv[:, 0, 40], caches[1].kv[:, 0, 40])  # it went here
