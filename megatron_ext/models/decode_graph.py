@@ -129,15 +129,17 @@ class DecodeGraphs:
 
     groups: the engine's slot groups, group g holding slots g, g + groups, ... of the cache.
     graphs: record each bucket in a CUDA graph (the model on CUDA), else run it eagerly.
-    `captures` counts the buckets made so far (one per (chunk, rows, group, key bucket), not
+    key_block: the key buckets' step (None: 128 with graphs; 1 without, where a shape costs
+    nothing and padded keys cost attention). `captures` counts the buckets made so far (one per (chunk, rows, group, key bucket), not
     per pass)."""
 
     def __init__(self, decoder: ChunkDecoder, *, groups: int, hidden: int, dtype,
-                 graphs: bool, key_block: int = 128):
+                 graphs: bool, key_block: Optional[int] = None):
         device = decoder.cache.kv.device
         missing = unsupported(decoder.models) if graphs else None
         if missing is not None:
             raise ValueError(f"CUDA graphs need {missing}; use cuda_graphs=false (or auto)")
+        key_block = key_block or (128 if graphs else 1)
         if groups < 1 or key_block < 1:
             raise ValueError(f"groups={groups} and key_block={key_block} must be >= 1")
         self.decoder, self.groups, self.block = decoder, groups, key_block

@@ -59,7 +59,7 @@ def run(chunks, params, **options):
         def counting(v, x, slots, positions, kv_len, group):
             rows = row_bucket(len(slots), 5)
             calls.append((v, rows, group if rows == 5 else None,
-                          key_bucket(kv_len, engine.max_len, 128)))
+                          key_bucket(kv_len, engine.max_len, engine.graphs.block)))
             return inner(v, x, slots, positions, kv_len, group)
         engine.graphs = _Calls(engine.graphs, counting)
     for p in prompts():
@@ -99,24 +99,26 @@ def test_fixed_shapes_and_graphs_give_the_engines_rollouts(model, monkeypatch, p
     dynamic.release()
     assert dynamic.graphs is None
     assert sum(len(r.tokens) for r in want) > 4 * MAX_NEW  # long rows: two key buckets
+    # eager (the CPU's): exact key lengths, static rows by bucket
     fixed, engine = run(model, params, fixed_shape=True)
     assert_same(fixed, want, "fixed shapes")
+    assert engine.graphs.block == 1 and len({k for *_, k in engine.calls}) > 90
+    assert sorted(engine.graphs.inputs, key=str) == sorted({k[:3] for k in engine.calls}, key=str)
+    engine.release()
+    assert not engine.graphs.runs and not engine.graphs.inputs
+
+    # graphs (the GPU's): key buckets of 128, one capture per bucket, replayed every pass
+    graphs = cuda_graph_fake.install(monkeypatch.setattr)
+    replayed, engine = run(model, params, cuda_graphs=True)
+    assert_same(replayed, want, "graphs")
     buckets = set(engine.calls)
     assert {k for *_, k in buckets} == {128, max(LENS) + MAX_NEW}
     # refills and finished rows change the rows: the whole group (a view) and compact buckets
     assert {n for _, n, _, _ in buckets} >= {5, 4} and {g for *_, g, _ in buckets} == {0, None}
-    # one static-buffer set per (chunk, rows), one callable per bucket, reused by every pass
     assert sorted(engine.graphs.runs, key=str) == sorted(buckets, key=str)
-    assert engine.graphs.captures == len(buckets) < len(engine.calls) // 10
-    assert sorted(engine.graphs.inputs, key=str) == sorted({k[:3] for k in buckets}, key=str)
-    engine.release()
-    assert not engine.graphs.runs and not engine.graphs.inputs
-
-    graphs = cuda_graph_fake.install(monkeypatch.setattr)
-    replayed, engine = run(model, params, cuda_graphs=True)
-    assert_same(replayed, want, "graphs")
-    assert len(graphs) == engine.graphs.captures == len(set(engine.calls))
+    assert len(graphs) == engine.graphs.captures == len(buckets) < len(engine.calls) // 10
     assert sum(g.replays for g in graphs) == len(engine.calls)
+    assert sorted(engine.graphs.inputs, key=str) == sorted({k[:3] for k in buckets}, key=str)
     engine.release()
     assert all(g.released for g in graphs) and not engine.graphs.graphs
     with pytest.raises(RuntimeError, match="released"):
