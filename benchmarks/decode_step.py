@@ -14,8 +14,9 @@ The logits of the two paths are checked equal (1e-4) at every decode step timed.
   python -m benchmarks.decode_step --engine [--batches 1 16 128] [--lengths 32 256]
 
 The engine (models/generate.py) with its decode passes at dynamic shapes (the CPU default)
-against fixed shapes (models/decode_graph.py's buckets and static buffers, run eagerly: what
-CUDA graphs replay on a GPU), same weights, the same 16-token prompts, sampled at temperature
+against fixed shapes (models/decode_graph.py's row buckets, static buffers and whole-group
+cache views, run eagerly with exact key lengths: what CUDA graphs replay on a GPU, but for
+the key padding), same weights, the same 16-token prompts, sampled at temperature
 1 to exactly the length limit; tokens/s of the whole drain, best of --reps, alternating; the
 samples of both are checked equal.
 """

@@ -4,27 +4,37 @@ A CUDA graph replays fixed kernels on fixed addresses, while a decode pass of th
 n running rows (fewer as rows finish) attending over kv_len cache positions (one more each
 tick). So a pass runs at a bucket: its rows padded to `row_bucket(n)` (powers of two up to the
 group's slot count, and that count), its key length to `key_bucket(kv_len)` (a multiple of
-`key_block`, at most max_len); the causal mask hides the keys past each row's position, and a
-padding row decodes token 0 of slot 0 at position max_len, the cache's scratch column, so it
-never writes a live slot's cache and no real row attends to what it writes. Its inputs are
-copied into static buffers, one set per (chunk, row bucket), and every (chunk, row bucket, key
-bucket) runs one callable over them: on CUDA the graph `capture` recorded (one memory pool per
-chunk, shared by its buckets), elsewhere the decoder itself, eagerly, over the very same buffers, which is how
-the CPU tests check the bucketing. Rows are independent in every op of a layer (the linears,
-norms, attention and TP collectives act per row), so padding leaves the real rows' logits as
-they are, up to the reduction order a kernel picks for another shape.
+`key_block`, at most max_len); the causal mask hides the keys past each row's position.
+A pass at the group's slot count runs the whole group: static row j is the group's slot j
+(slots g, g + G, ... of the cache), so attention reads the group's K/V as a strided view of
+the cache instead of gathering them every layer; its absent rows are padding. Below that,
+the pass's rows come first and the padding rows decode slot 0. A padding row decodes at
+position max_len, the cache's scratch column, so it never writes a live slot's cache and no
+real row attends to what it writes. The inputs are copied into static buffers, one set per
+(chunk, rows, whole group or not), and every bucket (those and the key bucket) runs one
+callable over them: on CUDA the graph `capture` recorded (one memory pool per chunk, shared
+by its buckets), elsewhere the decoder itself, eagerly, over the very same buffers, which is
+how the CPU tests check the bucketing. Rows are independent in every op of a layer (the
+linears, norms, attention and TP collectives act per row), so padding leaves the real rows'
+logits as they are, up to the reduction order a kernel picks for another shape.
+
+Without graphs (the CPU) the keys are not padded (key_block 1): there a shape costs nothing
+and padded keys cost attention. The whole-group view pays there too (benchmarks/decode_step.py
+--engine: 0.99-1.21x the dynamic path's tokens/s at batch 1-128, 1 thread), but the engine
+keeps the dynamic path by default off CUDA (Engine(fixed_shape=True) opts in).
 
 Only decode passes run here; prefill (right-padded prompts of any length) stays eager, and so
 does sampling: it reads the `[n, vocab]` logits this returns, with the per-request noise
 index and top-p sort that the engine's sampler already runs without a host sync, and keeping
-it out keeps its samples the eager path's by construction. What a call returns is the graph's
-static output: consume or copy it before the same chunk runs again (the engine samples from
-or packs it in the same tick). Why a pool per chunk and not one: the graphs of one pool may
-hold an output where another's intermediates lie, and with VPP the hidden states of all this
-rank's chunks are packed into one message after they all ran; a chunk runs one decode pass a
-tick, so its buckets never clobber each other's output before it is used. The graphs read the weights and the KV cache at the addresses
-they were captured on: the engine is built per generate() call and releases its graphs with
-its cache (Engine.release, before each training step), so no graph outlives either.
+it out keeps its samples the eager path's by construction. What a call returns may be the
+graph's static output: consume or copy it before the same chunk runs again (the engine
+samples from or packs it in the same tick). Why a pool per chunk and not one: the graphs of
+one pool may hold an output where another's intermediates lie, and with VPP the hidden
+states of all this rank's chunks are packed into one message after they all ran; a chunk
+runs one decode pass a tick, so its buckets never clobber each other's output before it is
+used. The graphs read the weights and the KV cache at the addresses they were captured on:
+the engine is built per generate() call and releases its graphs with its cache
+(Engine.release, before each training step), so no graph outlives either.
 """
 from __future__ import annotations
 
@@ -130,8 +140,8 @@ class DecodeGraphs:
     groups: the engine's slot groups, group g holding slots g, g + groups, ... of the cache.
     graphs: record each bucket in a CUDA graph (the model on CUDA), else run it eagerly.
     key_block: the key buckets' step (None: 128 with graphs; 1 without, where a shape costs
-    nothing and padded keys cost attention). `captures` counts the buckets made so far (one per (chunk, rows, group, key bucket), not
-    per pass)."""
+    nothing and padded keys cost attention). `captures` counts the buckets made so far (one
+    per (chunk, rows, whole group, key bucket), not per pass)."""
 
     def __init__(self, decoder: ChunkDecoder, *, groups: int, hidden: int, dtype,
                  graphs: bool, key_block: Optional[int] = None):
