@@ -6,8 +6,9 @@ tick). So a pass runs at a bucket: its rows padded to `row_bucket(n)` (powers of
 group's slot count, and that count), its key length to `key_bucket(kv_len)` (a multiple of
 `key_block`, at most max_len); the causal mask hides the keys past each row's position.
 A pass at the group's slot count runs the whole group: static row j is the group's slot j
-(slots g, g + G, ... of the cache), so attention reads the group's K/V as a strided view of
-the cache instead of gathering them every layer; its absent rows are padding. Below that,
+(the engine's groups are slots g, g + G, ... of the cache), so attention reads the group's K/V
+as a strided view of the cache instead of gathering them every layer; its absent rows are
+padding (a group whose slots are no arithmetic progression runs compact). Below that,
 the pass's rows come first and the padding rows decode slot 0. A padding row decodes at
 position max_len, the cache's scratch column, so it never writes a live slot's cache and no
 real row attends to what it writes. The inputs are copied into static buffers, one set per
@@ -38,7 +39,7 @@ the engine is built per generate() call and releases its graphs with its cache
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -92,6 +93,14 @@ def capture(fn: Callable[[], torch.Tensor], pool, warmup: int = 3):
     return graph, output
 
 
+def _progression(slots: Sequence[int]) -> Optional[slice]:
+    """The slice of the cache's slots that is `slots` in order (None: there is none)."""
+    step = slots[1] - slots[0] if len(slots) > 1 else 1
+    if step < 1 or list(slots) != list(range(slots[0], slots[0] + step * len(slots), step)):
+        return None
+    return slice(slots[0], slots[0] + step * len(slots), step)
+
+
 class _Inputs:
     """The static inputs of chunk v at a row bucket. Compact (group None): the pass's n rows
     first, rows n.. padding. A whole group g (the bucket is its slot count): row j is the
@@ -99,13 +108,12 @@ class _Inputs:
     slots as a view of the cache."""
 
     def __init__(self, first: bool, rows: int, hidden: int, dtype, device, scratch: int,
-                 group: Optional[int], stride: int):
-        self.scratch, self.stride = scratch, stride
-        self.view = None if group is None else slice(group, group + rows * stride, stride)
+                 view: Optional[slice]):
+        self.scratch, self.view = scratch, view
         self.x = (torch.zeros(rows, 1, dtype=torch.long, device=device) if first
                   else torch.zeros(1, rows, hidden, dtype=dtype, device=device))
-        self.slots = (torch.zeros(rows, dtype=torch.long, device=device) if group is None else
-                      torch.arange(group, group + rows * stride, stride, device=device))
+        self.slots = (torch.zeros(rows, dtype=torch.long, device=device) if view is None else
+                      torch.arange(view.start, view.stop, view.step, device=device))
         self.positions = torch.full((rows, 1), scratch, dtype=torch.long, device=device)
         self.lengths = torch.ones(rows, dtype=torch.long, device=device)
 
@@ -125,7 +133,7 @@ class _Inputs:
             self.positions[:n].copy_(positions)
             self.positions[n:].fill_(self.scratch)
             return None
-        rows = torch.div(slots, self.stride, rounding_mode="floor")  # slot g + j * stride
+        rows = (slots - self.view.start).div_(self.view.step, rounding_mode="floor")
         if self.x.dtype == torch.long:
             self.x.zero_()
         self.x.index_copy_(0 if self.x.dtype == torch.long else 1, rows, x)
@@ -137,22 +145,26 @@ class _Inputs:
 class DecodeGraphs:
     """Decode passes of `decoder` at fixed shapes (see the module docstring).
 
-    groups: the engine's slot groups, group g holding slots g, g + groups, ... of the cache.
+    groups: the engine's slot groups (the slots of each).
     graphs: record each bucket in a CUDA graph (the model on CUDA), else run it eagerly.
     key_block: the key buckets' step (None: 128 with graphs; 1 without, where a shape costs
     nothing and padded keys cost attention). `captures` counts the buckets made so far (one
     per (chunk, rows, whole group, key bucket), not per pass)."""
 
-    def __init__(self, decoder: ChunkDecoder, *, groups: int, hidden: int, dtype,
+    def __init__(self, decoder: ChunkDecoder, *, groups: Sequence[Sequence[int]], hidden: int,
+                 dtype,
                  graphs: bool, key_block: Optional[int] = None):
         device = decoder.cache.kv.device
         missing = unsupported(decoder.models) if graphs else None
         if missing is not None:
             raise ValueError(f"CUDA graphs need {missing}; use cuda_graphs=false (or auto)")
         key_block = key_block or (128 if graphs else 1)
-        if groups < 1 or key_block < 1:
-            raise ValueError(f"groups={groups} and key_block={key_block} must be >= 1")
-        self.decoder, self.groups, self.block = decoder, groups, key_block
+        if not groups or not all(groups) or key_block < 1:
+            raise ValueError(f"every group needs a slot ({len(groups)} groups) and key_block="
+                             f"{key_block} must be >= 1")
+        self.decoder, self.block = decoder, key_block
+        self.sizes = [len(slots) for slots in groups]
+        self.views = [_progression(slots) for slots in groups]
         self.hidden, self.dtype, self.device = hidden, dtype, device
         self.pools = {} if graphs else None  # chunk -> its memory pool
         self.inputs: Dict[Tuple[int, int, Optional[int]], _Inputs] = {}
@@ -170,15 +182,15 @@ class DecodeGraphs:
         if cache.kv is None:
             raise RuntimeError("the DecodeGraphs were released with their cache; make a new "
                                "engine to generate again")
-        size = len(range(group, cache.num_slots, self.groups))
+        size = self.sizes[group]
         rows = row_bucket(slots.shape[0], size)
         keys = key_bucket(kv_len, cache.max_len, self.block)
-        whole = group if rows == size else None  # the whole group, as a view
+        whole = group if rows == size and self.views[group] is not None else None
         inputs = self.inputs.get((v, rows, whole))
         if inputs is None:
             inputs = self.inputs[v, rows, whole] = _Inputs(
                 self.decoder.models[v].pre_process, rows, self.hidden, self.dtype, self.device,
-                cache.max_len, whole, self.groups)
+                cache.max_len, None if whole is None else self.views[group])
         where = inputs.load(x, slots, positions)
         run = self.runs.get((v, rows, whole, keys))
         if run is None:

@@ -276,7 +276,7 @@ class Engine:
         self.stop = _StopScan(params.stop, tokenizer)
         # the scheduler, the same on every rank
         self.group_slots = [list(range(g, num_slots, self.groups)) for g in range(self.groups)]
-        self.graphs = (DecodeGraphs(self.decoder, groups=self.groups, hidden=self.hidden,
+        self.graphs = (DecodeGraphs(self.decoder, groups=self.group_slots, hidden=self.hidden,
                                     dtype=self.dtype, graphs=cuda_graphs)
                        if cuda_graphs or fixed_shape else None)
         self.slot_request: List[Optional[int]] = [None] * num_slots

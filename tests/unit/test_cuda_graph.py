@@ -147,7 +147,7 @@ def test_padding_rows_never_touch_a_live_slot(model):
 
     caches = [SlotCache(model, 6, 40) for _ in range(2)]
     decoders = [ChunkDecoder(model, cache) for cache in caches]
-    graphs = DecodeGraphs(decoders[0], groups=1, hidden=model[0].config.hidden_size,
+    graphs = DecodeGraphs(decoders[0], groups=[range(6)], hidden=model[0].config.hidden_size,
                           dtype=torch.float32, graphs=False, key_block=16)
     ids = torch.randint(0, 256, (6, 10), generator=torch.Generator().manual_seed(1))
     for decoder in decoders:
@@ -174,6 +174,25 @@ def test_padding_rows_never_touch_a_live_slot(model):
     graphs.release()
     for cache in caches:
         cache.release()
+
+
+def test_a_group_that_is_no_progression_runs_compact(model):
+    from megatron_ext.models.decode import ChunkDecoder, SlotCache
+    from megatron_ext.models.decode_graph import _progression
+
+    assert _progression([3]) == slice(3, 4, 1) and _progression([1, 3, 5]) == slice(1, 7, 2)
+    assert _progression([0, 2, 1]) is None and _progression([2, 0]) is None
+    cache = SlotCache(model, 4, 12)
+    decoder = ChunkDecoder(model, cache)
+    ids = torch.randint(0, 256, (4, 3), generator=torch.Generator().manual_seed(2))
+    decoder(0, ids, torch.arange(4), torch.arange(3).expand(4, -1), torch.full((4,), 3), 3)
+    graphs = DecodeGraphs(decoder, groups=[[0, 2, 1, 3]], hidden=model[0].config.hidden_size,
+                          dtype=torch.float32, graphs=False)
+    args = (torch.full((4, 1), 7), torch.tensor([3, 1, 0, 2]), torch.full((4, 1), 3))
+    want = decoder(0, *args, torch.ones(4, dtype=torch.long), 4)
+    got = graphs(0, *args, 4, 0)
+    assert list(graphs.inputs) == [(0, 4, None)]  # the whole group, compact: no view
+    assert (got - want).abs().max().item() <= TOL
 
 
 def test_resolution_and_errors(model, monkeypatch):
