@@ -21,7 +21,7 @@ logits as they are, up to the reduction order a kernel picks for another shape.
 
 Without graphs (the CPU) the keys are not padded (key_block 1): there a shape costs nothing
 and padded keys cost attention. The whole-group view pays there too (benchmarks/decode_step.py
---engine: 0.99-1.21x the dynamic path's tokens/s at batch 1-128, 1 thread), but the engine
+--engine: 0.98-1.23x the dynamic path's tokens/s at batch 1-128, 1 thread), but the engine
 keeps the dynamic path by default off CUDA (Engine(fixed_shape=True) opts in).
 
 Only decode passes run here; prefill (right-padded prompts of any length) stays eager, and so
