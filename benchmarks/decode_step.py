@@ -10,6 +10,15 @@ the two alternate within each of --reps repetitions and the median step of each 
 best is kept (the machine may be shared: read the ratio, not the absolute times). ChunkDecoder
 is timed as the engine calls it (kv_len given) and with kv_len computed from the positions.
 The logits of the two paths are checked equal (1e-4) at every decode step timed.
+
+  python -m benchmarks.decode_step --engine [--batches 1 16 128] [--lengths 32 256]
+
+The engine (models/generate.py) with its decode passes at dynamic shapes (the CPU default)
+against fixed shapes (models/decode_graph.py's row buckets, static buffers and whole-group
+cache views, run eagerly with exact key lengths: what CUDA graphs replay on a GPU, but for
+the key padding), same weights, the same 16-token prompts, sampled at temperature
+1 to exactly the length limit; tokens/s of the whole drain, best of --reps, alternating; the
+samples of both are checked equal.
 """
 from __future__ import annotations
 
@@ -80,6 +89,44 @@ def _ours(model, tokens, prompt, steps, engine_kv_len: bool):
     return times, out
 
 
+def _engine(model, prompts, length, fixed: bool):
+    """(seconds, results) of the engine generating `length` tokens for each prompt."""
+    from benchmarks.generation import NoEosTokenizer
+    from megatron_ext.models.generate import Engine, SamplingParams
+
+    engine = Engine([model], NoEosTokenizer(0), SamplingParams(length, temperature=1.0),
+                    vocab_size=259, num_slots=len(prompts), max_len=len(prompts[0]) + length,
+                    seed=1, fixed_shape=fixed)
+    start = time.perf_counter()
+    for p in prompts:
+        engine.add_request(p)
+    results = engine.drain()
+    took = time.perf_counter() - start
+    engine.release()
+    assert all(len(r.tokens) == length for r in results)
+    return took, results
+
+
+def engine_table(model, args) -> None:
+    print(f"engine decode shapes, {args.threads} thread(s), "
+          f"{' '.join(args.overrides) or 'tiny preset'}, best of {args.reps}; tokens/s")
+    print(f"  {'batch':>5} {'new':>4} {'dynamic':>9} {'fixed':>9} {'fixed/dynamic':>13}")
+    for batch in args.batches:
+        prompts = torch.randint(0, 256, (batch, 16),
+                                generator=torch.Generator().manual_seed(0)).tolist()
+        for length in args.lengths:
+            best = {}
+            for _ in range(args.reps):
+                outs = {}
+                for fixed in (False, True):
+                    took, outs[fixed] = _engine(model, prompts, length, fixed)
+                    best[fixed] = min(best.get(fixed, float("inf")), took)
+                assert [r.tokens for r in outs[True]] == [r.tokens for r in outs[False]]
+            rate = {k: batch * length / t for k, t in best.items()}
+            print(f"  {batch:5d} {length:4d} {rate[False]:9.0f} {rate[True]:9.0f} "
+                  f"{rate[True] / rate[False]:12.2f}x", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=128)
@@ -87,10 +134,18 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--engine", action="store_true",
+                        help="the engine at dynamic vs fixed decode shapes (tokens/s)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 128])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32, 256])
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model=small")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, topology = _build(args.overrides)
+    if args.engine:
+        engine_table(model, args)
+        topology.destroy()
+        return
     tokens = torch.randint(0, 259, (args.batch, args.prompt + args.steps),
                            generator=torch.Generator().manual_seed(0))
     tokens = tokens.to(next(model.parameters()).device)

@@ -154,7 +154,8 @@ def run(cfg: Config, topo, log) -> Optional[List[Dict]]:
         batch = mine[first:first + g.max_batch]
         ids = [prompt_ids(r, tokenizer, g.chat_template) for r in batch]
         roll = generate(chunks, ids, tokenizer, params, vocab_size=vocab, generator=generator,
-                        tp_group=tp, pp_group=pp, num_slots=g.max_batch, engine=g.engine)
+                        tp_group=tp, pp_group=pp, num_slots=g.max_batch, engine=g.engine,
+                        cuda_graphs=g.cuda_graphs)
         for i, record in enumerate(batch):
             start, n = int(roll.prompt_lens[i]), int(roll.response_lens[i])
             out.append({"prompt": record.get("prompt", record.get("messages")),

@@ -2,8 +2,9 @@
 # The GPU check, on one GPU with nothing but this repo and the wheels in .whl/: builds the
 # extension with `pip install -e .`, checks the CUDA kernels and every attention backend
 # against PyTorch references, runs a 1-GPU SFT and GRPO smoke, measures MFU of the 1b preset,
-# the loss (ours vs megatron's vs Liger), attention TFLOPS and, where flash-attn imports, our
-# generation engine against megatron's on the same weights; writes docs/results_gpu.md with
+# the loss (ours vs megatron's vs Liger), attention TFLOPS, our engine's decode from CUDA graphs
+# against eager decode and, where flash-attn imports, our generation engine against megatron's
+# on the same weights; writes docs/results_gpu.md with
 # the date and the card, and copies it with the logs to $OUT. Under 8 minutes: each stage has a
 # time limit, stages run by priority, and one that would pass the 450 s deadline is skipped
 # (marked so); a failed stage does not stop the others. Exit code 1 when any stage failed.
@@ -96,6 +97,7 @@ stage "SFT + GRPO smoke (NCCL, world 1)" 200 py benchmarks.gpu.smoke --run-root 
 stage "MFU, 1b preset, seq 4096, 20 steps" 180 py benchmarks.gpu.mfu --run-dir "$WORK/mfu"
 stage "loss: fused vs megatron vs Liger, n=16K V=128K" 120 py benchmarks.gpu.loss
 stage "attention backends: parity and TFLOPS 8K-64K" 150 py benchmarks.gpu.attention
+stage "decode: CUDA graphs vs eager (greedy, same weights, batch 1/16/128)" 90 py benchmarks.gpu.graphs
 stage "generation engines: ours vs megatron's (greedy, same weights)" 90 py benchmarks.gpu.engines
 
 RESULTS="$ROOT/docs/results_gpu.md"

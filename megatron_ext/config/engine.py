@@ -1,5 +1,6 @@
 """Which generation engine runs (`generate.engine`, `rl.engine`: auto | ours | megatron) and why
-megatron-core's DynamicInferenceEngine cannot run somewhere; the rules live here so that config
+megatron-core's DynamicInferenceEngine cannot run somewhere, and whether our engine decodes from
+CUDA graphs (`generate.cuda_graphs`, `rl.cuda_graphs`); the rules live here so that config
 validation (before any process starts) and the engine choice at run time apply the same ones.
 
 megatron's engine is CUDA-only (its context tensors, sampler generator and PP communication)
@@ -73,3 +74,22 @@ def resolve_engine(choice: str, key: str, *, env: Optional[str] = "probe", **opt
     if choice == "auto":
         return "ours"
     raise ConfigError(f"{key}=megatron needs {missing}; use {key}=ours (or auto)")
+
+
+GRAPH_CHOICES = ("auto", "true", "false")
+
+
+def resolve_cuda_graphs(choice, key: str, missing: Optional[str]) -> bool:
+    """Whether our engine decodes from CUDA graphs for `choice` (auto | true | false; Hydra may
+    hand a bool or "True") of config key `key`, given what the run lacks for them (`missing`,
+    None: nothing; models/decode_graph.py's unsupported). auto: where nothing is missing.
+    Raises ConfigError for true where something is."""
+    value = str(choice).lower()
+    if value not in GRAPH_CHOICES:
+        raise ConfigError(f"{key}={choice!r} must be one of {', '.join(GRAPH_CHOICES)}")
+    if value == "false" or (value == "auto" and missing is not None):
+        return False
+    if missing is not None:
+        raise ConfigError(f"{key}=true needs {missing}; use {key}=auto (graphs where the model "
+                          "is on CUDA) or false")
+    return True

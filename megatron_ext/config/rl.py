@@ -37,6 +37,7 @@ class RLConfig:
     # go through that many slots in turn), and the reference's weights on the host (GPU)
     rollout_batch: int = bounded(128, at_least=1, what="sequence slots of rollout/eval generation")
     engine: str = one_of("auto", "ours", "megatron")  # rollout/eval generation (as generate.engine)
+    cuda_graphs: str = one_of("auto", "true", "false", "True", "False")  # as generate.cuda_graphs
     offload_reference: bool = False  # stream the reference's weights to the GPU layer by layer
     # policy loss
     eps_low: float = bounded(0.2, at_least=0)  # ratio clip below: 1 - eps_low

@@ -197,6 +197,8 @@ class GenerateConfig:
     # ours: models/generate.py; megatron: megatron-core's DynamicInferenceEngine (CUDA and
     # flash-attn >= 2.7.3; unverified); auto: megatron where it can run, else ours
     engine: str = one_of("auto", "ours", "megatron")
+    # our engine's decode steps replayed from CUDA graphs; auto: when the model is on CUDA
+    cuda_graphs: str = one_of("auto", "true", "false", "True", "False")
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from megatron_ext.config.engine import resolve_engine
+from megatron_ext.config.engine import resolve_cuda_graphs, resolve_engine
 from megatron_ext.config.fields import ConfigError, check_fields
 from megatron_ext.config.hf import model_fields
 from megatron_ext.config.layout import ParallelDims
@@ -153,6 +153,12 @@ def _check_engines(cfg: Config, probe: bool) -> None:
     if cfg.stage == "rl" and cfg.rl.engine == "megatron":
         resolve_engine(cfg.rl.engine, "rl.engine", env=env, temperature=cfg.rl.temperature,
                        stop=cfg.rl.stop, **layout)
+    if probe:  # a launcher cannot know the processes' devices
+        import torch
+        missing = None if torch.cuda.is_available() else "a CUDA device (none is visible)"
+        resolve_cuda_graphs(g.cuda_graphs, "generate.cuda_graphs", missing)
+        if cfg.stage == "rl":
+            resolve_cuda_graphs(cfg.rl.cuda_graphs, "rl.cuda_graphs", missing)
 
 
 def validate(cfg: Config, world_size: int, *,

@@ -235,7 +235,8 @@ class ChunkDecoder:
 
     @torch.no_grad()
     def forward(self, v: int, inputs, slots: torch.Tensor, positions: torch.Tensor,
-                lengths: torch.Tensor, kv_len: Optional[int] = None) -> torch.Tensor:
+                lengths: torch.Tensor, kv_len: Optional[int] = None,
+                view: Optional[slice] = None) -> torch.Tensor:
         """Run chunk v on a batch of n slots.
 
         inputs: token ids `[n, t]` (long) if chunk v is pre_process, else the previous stage's
@@ -247,6 +248,8 @@ class ChunkDecoder:
         attends causally to the slot's cached prefix and the new tokens.
         kv_len: how many cache positions to attend over, at least every row's last position
         + 1 (the engine knows it); None computes it from the tensors, a host sync on GPU.
+        view: when `slots` are exactly the cache's slots `range(num_slots)[view]`, in order
+        (a whole group of the engine), attention reads their K/V as a view, not a gather.
         Returns hidden `[t, n, h]` for a non-last chunk, or fp32 logits `[n, vocab]` of each
         row's LAST valid position gathered over TP when chunk v is the post_process chunk;
         vocab is megatron's padded vocab (model.vocab_size): cut it to the real one to sample.
@@ -277,7 +280,10 @@ class ChunkDecoder:
                 raise ValueError(f"chunk {v} takes the previous stage's hidden [t, n, h] = "
                                  f"[{t}, {n}, h], got {tuple(inputs.shape)}")
             hidden = inputs
-        attend = _Attend(self, slots, positions, lengths, kv_len, hidden.dtype)
+        if view is not None and len(range(self.cache.num_slots)[view]) != n:
+            raise ValueError(f"view={view} selects {len(range(self.cache.num_slots)[view])} "
+                             f"of {self.cache.num_slots} slots, not the n={n} rows")
+        attend = _Attend(self, slots, positions, lengths, kv_len, hidden.dtype, view)
         for layer in self.layers[v]:
             hidden = layer(hidden, attend)
         norm = model.decoder.final_layernorm
@@ -298,7 +304,8 @@ class _Attend:
     """The attention of every layer in one call, and what they share: the RoPE cos/sin of
     each token, its cache address, the causal key mask."""
 
-    def __init__(self, decoder: ChunkDecoder, slots, positions, lengths, kv_len: int, dtype):
+    def __init__(self, decoder: ChunkDecoder, slots, positions, lengths, kv_len: int, dtype,
+                 view: Optional[slice]):
         cache = decoder.cache
         device = positions.device
         n, t = positions.shape
@@ -311,7 +318,7 @@ class _Attend:
         width = cache.max_len + 1
         # flat rows of a [num_slots * (max_len + 1)] view; padding goes to the scratch column
         self.rows = (slots[:, None] * width + torch.where(valid, positions, cache.max_len)).view(-1)
-        self.slots = slots
+        self.slots, self.view = slots, view
         keys = torch.arange(kv_len, device=device)
         self.mask = (keys <= where[:, :, None])[:, None]  # [n, 1, t, kv_len]
         self.kv_len, self.cache, self.scale = kv_len, cache, decoder.scale
@@ -332,7 +339,8 @@ class _Attend:
         new = torch.stack((key, value), dim=2).transpose(0, 1).to(cache.dtype)  # [n, t, 2, g, d]
         cache.view(-1, *cache.shape[2:]).index_copy_(0, self.rows,
                                                      new.reshape(n * t, *new.shape[2:]))
-        both = cache[:, :self.kv_len].index_select(0, self.slots)  # [n, kv_len, 2, groups, d]
+        both = (cache[self.view, :self.kv_len] if self.view is not None else
+                cache[:, :self.kv_len].index_select(0, self.slots))  # [n, kv_len, 2, groups, d]
         keys, values = both[:, :, 0].transpose(1, 2), both[:, :, 1].transpose(1, 2)
         out = F.scaled_dot_product_attention(
             query.permute(1, 2, 0, 3), keys, values, attn_mask=self.mask, scale=self.scale,

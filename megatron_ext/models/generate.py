@@ -44,7 +44,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from megatron_ext.config.engine import resolve_cuda_graphs
 from megatron_ext.models.decode import ChunkDecoder, SlotCache
+from megatron_ext.models.decode_graph import DecodeGraphs, unsupported
 from megatron_ext.training.collectives import broadcast_list, broadcast_object
 from parallel.p2p import ring_shift
 
@@ -237,11 +239,14 @@ class Engine:
     calls (add_request, step, drain) with the same arguments and gets the same results.
     max_len: the longest prompt + response a slot holds. seed: the sampler's (the same on
     every rank). check_every: finished rows are looked for every this many tokens per row.
+    cuda_graphs: decode passes replay CUDA graphs of fixed shapes (models/decode_graph.py;
+    the model on CUDA). fixed_shape: decode passes run at those fixed shapes without graphs
+    (what the CPU tests check of the graphs' bucketing; implied by cuda_graphs).
     """
 
     def __init__(self, model, tokenizer, params: SamplingParams, *, vocab_size: int,
                  num_slots: int, max_len: int, seed: int = 0, tp_group=None, pp_group=None,
-                 check_every: int = 4):
+                 check_every: int = 4, cuda_graphs: bool = False, fixed_shape: bool = False):
         params.check()
         if num_slots < 1 or check_every < 1:
             raise ValueError(f"num_slots={num_slots} and check_every={check_every} must be >= 1")
@@ -271,6 +276,9 @@ class Engine:
         self.stop = _StopScan(params.stop, tokenizer)
         # the scheduler, the same on every rank
         self.group_slots = [list(range(g, num_slots, self.groups)) for g in range(self.groups)]
+        self.graphs = (DecodeGraphs(self.decoder, groups=self.group_slots, hidden=self.hidden,
+                                    dtype=self.dtype, graphs=cuda_graphs)
+                       if cuda_graphs or fixed_shape else None)
         self.slot_request: List[Optional[int]] = [None] * num_slots
         self.prompts: List[List[int]] = []
         self.next_step: List[int] = []  # per request: the response index of its next pass
@@ -330,6 +338,8 @@ class Engine:
     def release(self) -> None:
         """Free the KV cache (before a training step); the engine cannot be used after."""
         self.pending = None  # drain leaves none in flight; after an error, drop it
+        if self.graphs is not None:
+            self.graphs.release()
         self.cache.release()
 
     def step(self) -> None:
@@ -364,7 +374,7 @@ class Engine:
             else:
                 inputs = received[v]
             out = [None if rows is None else
-                   self.decoder(v, x, rows.slots, rows.positions, rows.lengths, rows.kv_len)
+                   self._forward(v, x, rows, pas.group if rows is pas.decode else None)
                    for x, rows in zip(inputs, (pas.decode, pas.prefill))]
             if stage == self.stages - 1:
                 tokens = self._sample(pas, torch.cat([o for o in out if o is not None]))
@@ -387,6 +397,13 @@ class Engine:
         for start in [s for s in self.passes if s <= t - self.stages]:
             del self.passes[start]  # its tokens reached stage 0 this tick
         self.tick += 1
+
+    def _forward(self, v: int, x, rows: _Rows, group: Optional[int]) -> torch.Tensor:
+        """Chunk v on a pass's prefill rows, or its decode rows of `group`: at fixed shapes
+        when set."""
+        if group is not None and self.graphs is not None:
+            return self.graphs(v, x, rows.slots, rows.positions, rows.kv_len, group)
+        return self.decoder(v, x, rows.slots, rows.positions, rows.lengths, rows.kv_len)
 
     def _idle(self, t: int) -> bool:
         """Nothing in flight and nothing to schedule: the last results are waiting."""
@@ -575,7 +592,8 @@ def _shared_seed(generator: torch.Generator, tp_group, pp_group) -> int:
 
 def generate(model, prompts: Sequence[Sequence[int]], tokenizer, params: SamplingParams, *,
              vocab_size: int, generator: Optional[torch.Generator], tp_group=None,
-             pp_group=None, num_slots: Optional[int] = None, engine: str = "ours") -> Rollout:
+             pp_group=None, num_slots: Optional[int] = None, engine: str = "ours",
+             cuda_graphs: str = "auto") -> Rollout:
     """Sample one response per prompt (repeat a prompt in `prompts` for a GRPO group).
 
     model: a GPTModel (or a DDP wrapper of one), or this rank's list of virtual-stage chunks as
@@ -587,7 +605,9 @@ def generate(model, prompts: Sequence[Sequence[int]], tokenizer, params: Samplin
     differently across DP ranks. tp_group / pp_group: megatron's TP and PP groups when > 1;
     every rank of both gets the same Rollout. num_slots: sequences decoded at once (None: all
     prompts); the samples do not depend on it. engine: ours | megatron | auto (config/engine.py;
-    megatron: models/megatron_engine.py, unverified, with its own samples).
+    megatron: models/megatron_engine.py, unverified, with its own samples). cuda_graphs:
+    auto | true | false, our engine's decode passes replayed from CUDA graphs
+    (models/decode_graph.py; auto: where the model is on CUDA, config/engine.py).
     A row stops at EOS, when its text contains a stop string, or after max_new_tokens.
     """
     params.check()
@@ -603,6 +623,8 @@ def generate(model, prompts: Sequence[Sequence[int]], tokenizer, params: Samplin
     slots = len(prompts) if num_slots is None else min(num_slots, len(prompts))
     max_len = max(len(p) for p in prompts) + params.max_new_tokens
     backend = _backend(engine, chunks, params, pp_group)
+    graphs = backend == "ours" and resolve_cuda_graphs(cuda_graphs, "cuda_graphs",
+                                                       unsupported(chunks))
     try:
         if backend == "megatron":
             from megatron_ext.models.megatron_engine import generate_results
@@ -611,7 +633,8 @@ def generate(model, prompts: Sequence[Sequence[int]], tokenizer, params: Samplin
                                        max_len=max_len)
         else:
             ours = Engine(chunks, tokenizer, params, vocab_size=vocab_size, num_slots=slots,
-                          max_len=max_len, seed=seed, tp_group=tp_group, pp_group=pp_group)
+                          max_len=max_len, seed=seed, tp_group=tp_group, pp_group=pp_group,
+                          cuda_graphs=graphs)
             try:
                 for p in prompts:
                     ours.add_request(p)

@@ -57,7 +57,8 @@ def heldout_eval(model, pool: PromptPool, rl, *, tokenizer, vocab_size: int, top
     sums = [float(len(mine)), 0.0, 0.0, 0.0]  # problems, greedy solved, sampled pass@1, pass@k
     if mine:
         gen = dict(tokenizer=tokenizer, vocab_size=vocab_size, tp_group=topo.tp_group,
-                   pp_group=topo.pp_group, num_slots=rl.rollout_batch, engine=rl.engine)
+                   pp_group=topo.pp_group, num_slots=rl.rollout_batch, engine=rl.engine,
+                   cuda_graphs=rl.cuda_graphs)
         greedy = SamplingParams(rl.max_new_tokens, 0.0, stop=tuple(rl.stop))
         sums[1] = _pass_sums(model, pool, mine, greedy, 1, (1,), None, **gen)[0]
         if n > 1:

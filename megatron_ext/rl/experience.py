@@ -50,14 +50,14 @@ class PromptPool:
 def sample_groups(model, pool: PromptPool, indices: Sequence[int], *, group_size: int,
                   params: SamplingParams, reward: CombinedReward, tokenizer, vocab_size: int,
                   generator: torch.Generator, tp_group, pp_group, num_slots: int,
-                  engine: str = "ours") -> List[Tuple[Group, float]]:
+                  engine: str = "ours", cuda_graphs: str = "auto") -> List[Tuple[Group, float]]:
     """One rollout batch: `group_size` samples for each prompt index, with its pass rate (the
     share of samples the verifier accepts); at most `num_slots` sequences generate at once."""
     prompts = [pool.prompts[i] for i in indices for _ in range(group_size)]
     problems = [pool.problems[i] for i in indices for _ in range(group_size)]
     out = generate(model, prompts, tokenizer, params, vocab_size=vocab_size,
                    generator=generator, tp_group=tp_group, pp_group=pp_group,
-                   num_slots=num_slots, engine=engine)
+                   num_slots=num_slots, engine=engine, cuda_graphs=cuda_graphs)
     total, parts = reward.score(out.texts, problems)
     correct = verdicts(parts, out.texts, problems)
     groups = []
@@ -102,7 +102,8 @@ def collect(model, pool: PromptPool, history: PassRateHistory, *, rl, params: Sa
         groups = sample_groups(model, pool, indices, group_size=rl.group_size, params=params,
                                reward=reward, tokenizer=tokenizer, vocab_size=vocab_size,
                                generator=generator, tp_group=tp_group, pp_group=pp_group,
-                               num_slots=rl.rollout_batch, engine=rl.engine)
+                               num_slots=rl.rollout_batch, engine=rl.engine,
+                               cuda_graphs=rl.cuda_graphs)
         sampled.extend(g for g, _ in groups)
         return groups
 

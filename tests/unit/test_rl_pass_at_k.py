@@ -82,9 +82,10 @@ def test_heldout_eval_scores_this_dp_ranks_problems_from_n_samples_each(monkeypa
     calls = []
 
     def fake_generate(model, prompts, tok, params, *, generator, vocab_size, tp_group, pp_group,
-                      num_slots, engine):
+                      num_slots, engine, cuda_graphs):
         assert num_slots in (7, RLConfig().rollout_batch)  # eval is bounded by rl.rollout_batch
         assert engine == RLConfig().engine  # rl.engine chooses the eval's engine too
+        assert cuda_graphs == RLConfig().cuda_graphs  # and rl.cuda_graphs its CUDA graphs
         calls.append(([index[tuple(p)] for p in prompts], params.temperature, generator))
         texts, seen = [], {}
         for p in prompts:
