@@ -93,8 +93,10 @@ def capture(fn: Callable[[], torch.Tensor], pool, warmup: int = 3):
     return graph, output
 
 
-def _progression(slots: Sequence[int]) -> Optional[slice]:
+def progression(slots: Sequence[int]) -> Optional[slice]:
     """The slice of the cache's slots that is `slots` in order (None: there is none)."""
+    if not slots:
+        return None
     step = slots[1] - slots[0] if len(slots) > 1 else 1
     if step < 1 or list(slots) != list(range(slots[0], slots[0] + step * len(slots), step)):
         return None
@@ -145,7 +147,7 @@ class _Inputs:
 class DecodeGraphs:
     """Decode passes of `decoder` at fixed shapes (see the module docstring).
 
-    groups: the engine's slot groups (the slots of each).
+    groups: the engine's slot groups (the slots of each; a group without slots never runs).
     graphs: record each bucket in a CUDA graph (the model on CUDA), else run it eagerly.
     key_block: the key buckets' step (None: 128 with graphs; 1 without, where a shape costs
     nothing and padded keys cost attention). `captures` counts the buckets made so far (one
@@ -159,12 +161,12 @@ class DecodeGraphs:
         if missing is not None:
             raise ValueError(f"CUDA graphs need {missing}; use cuda_graphs=false (or auto)")
         key_block = key_block or (128 if graphs else 1)
-        if not groups or not all(groups) or key_block < 1:
-            raise ValueError(f"every group needs a slot ({len(groups)} groups) and key_block="
-                             f"{key_block} must be >= 1")
+        if not groups or key_block < 1:
+            raise ValueError(f"groups ({len(groups)}) must be >= 1 and key_block={key_block} "
+                             ">= 1")
         self.decoder, self.block = decoder, key_block
         self.sizes = [len(slots) for slots in groups]
-        self.views = [_progression(slots) for slots in groups]
+        self.views = [progression(slots) for slots in groups]
         self.hidden, self.dtype, self.device = hidden, dtype, device
         self.pools = {} if graphs else None  # chunk -> its memory pool
         self.inputs: Dict[Tuple[int, int, Optional[int]], _Inputs] = {}

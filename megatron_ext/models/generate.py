@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from megatron_ext.config.engine import resolve_cuda_graphs
 from megatron_ext.models.decode import ChunkDecoder, SlotCache
-from megatron_ext.models.decode_graph import DecodeGraphs, unsupported
+from megatron_ext.models.decode_graph import DecodeGraphs, progression, unsupported
 from megatron_ext.training.collectives import broadcast_list, broadcast_object
 from parallel.p2p import ring_shift
 
@@ -215,6 +215,7 @@ class _Rows:
     lengths: torch.Tensor  # [n]
     kv_len: int
     ids: Optional[torch.Tensor] = None  # prefill: the prompts [n, t], on the first stage
+    view: Optional[slice] = None  # decode of a whole group in slot order: its cache slice
 
 
 @dataclasses.dataclass
@@ -276,6 +277,7 @@ class Engine:
         self.stop = _StopScan(params.stop, tokenizer)
         # the scheduler, the same on every rank
         self.group_slots = [list(range(g, num_slots, self.groups)) for g in range(self.groups)]
+        self.group_views = [progression(slots) for slots in self.group_slots]
         self.graphs = (DecodeGraphs(self.decoder, groups=self.group_slots, hidden=self.hidden,
                                     dtype=self.dtype, graphs=cuda_graphs)
                        if cuda_graphs or fixed_shape else None)
@@ -400,10 +402,11 @@ class Engine:
 
     def _forward(self, v: int, x, rows: _Rows, group: Optional[int]) -> torch.Tensor:
         """Chunk v on a pass's prefill rows, or its decode rows of `group`: at fixed shapes
-        when set."""
+        when set; else as they are, a whole group's attending over its cache slice."""
         if group is not None and self.graphs is not None:
             return self.graphs(v, x, rows.slots, rows.positions, rows.kv_len, group)
-        return self.decoder(v, x, rows.slots, rows.positions, rows.lengths, rows.kv_len)
+        return self.decoder(v, x, rows.slots, rows.positions, rows.lengths, rows.kv_len,
+                            rows.view)
 
     def _idle(self, t: int) -> bool:
         """Nothing in flight and nothing to schedule: the last results are waiting."""
@@ -450,16 +453,18 @@ class Engine:
         decode = prefill = requests = steps_t = None
         if same:
             d = last.decode
-            decode = _Rows(d.slots, d.positions + 1, d.lengths, d.kv_len + 1)
+            decode = _Rows(d.slots, d.positions + 1, d.lengths, d.kv_len + 1, view=d.view)
             if self.is_last:
                 requests, steps_t = last.requests, last.steps_t + 1
         else:
             if n_decode:
                 dec = rows[:n_decode]
                 ends = [len(self.prompts[r]) + j for (_, r), j in zip(dec, steps)]
-                decode = _Rows(tensor([s for s, _ in dec]), tensor(ends)[:, None] - 1,
+                slots = [s for s, _ in dec]
+                decode = _Rows(tensor(slots), tensor(ends)[:, None] - 1,
                                torch.ones(n_decode, dtype=torch.long, device=self.device),
-                               max(ends))
+                               max(ends), view=(self.group_views[g] if slots ==
+                                                self.group_slots[g] else None))
             if len(rows) > n_decode:
                 new = rows[n_decode:]
                 lens = [len(self.prompts[r]) for _, r in new]

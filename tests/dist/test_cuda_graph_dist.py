@@ -13,10 +13,10 @@ TOL = 1e-5
 LAYOUTS = [(2, 1, None), (1, 2, None), (1, 2, 2)]  # (tp, pp, vpp)
 
 
-def _rollouts(chunks, topo, tok, prompts, params, **options):
+def _rollouts(chunks, topo, tok, prompts, params, num_slots=5, **options):
     from megatron_ext.models.generate import Engine
 
-    engine = Engine(chunks, tok, params, vocab_size=tok.vocab_size, num_slots=5,
+    engine = Engine(chunks, tok, params, vocab_size=tok.vocab_size, num_slots=num_slots,
                     max_len=max(map(len, prompts)) + params.max_new_tokens, seed=3,
                     tp_group=topo.tp_group, pp_group=topo.pp_group, **options)
     for p in prompts:
@@ -76,6 +76,11 @@ def _checks(rank, world_size):
             assert sum(g.replays for g in graphs) > 3 * captures, where  # reused, per tick
             # a graph per (chunk, rows, keys): every chunk of this rank has its own
             assert captures >= len(chunks), where
+        # fewer slots than groups (S = 4 at PP2 x VPP2): a group without slots never runs
+        params = SamplingParams(max_new_tokens=8, temperature=0)
+        want, _ = _rollouts(chunks, topo, tok, prompts, params, num_slots=3)
+        got, _ = _rollouts(chunks, topo, tok, prompts, params, num_slots=3, cuda_graphs=True)
+        assert [r.tokens for r in got] == [r.tokens for r in want], f"{topo.dims} 3 slots"
         ps.destroy_model_parallel()
 
 

@@ -60,8 +60,9 @@ class ScriptedDecoder:
     def __init__(self, chunks, cache):
         self.model = chunks[0]
 
-    def __call__(self, v, inputs, slots, positions, lengths, kv_len=None):
+    def __call__(self, v, inputs, slots, positions, lengths, kv_len=None, view=None):
         assert v == 0
+        assert view is None or list(range(self.model.cache.num_slots)[view]) == slots.tolist()
         return self.model(inputs, slots, positions, lengths, kv_len)
 
 

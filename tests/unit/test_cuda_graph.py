@@ -176,12 +176,12 @@ def test_padding_rows_never_touch_a_live_slot(model):
         cache.release()
 
 
-def test_a_group_that_is_no_progression_runs_compact(model):
+def test_a_group_that_is_noprogression_runs_compact(model):
     from megatron_ext.models.decode import ChunkDecoder, SlotCache
-    from megatron_ext.models.decode_graph import _progression
+    from megatron_ext.models.decode_graph import progression
 
-    assert _progression([3]) == slice(3, 4, 1) and _progression([1, 3, 5]) == slice(1, 7, 2)
-    assert _progression([0, 2, 1]) is None and _progression([2, 0]) is None
+    assert progression([3]) == slice(3, 4, 1) and progression([1, 3, 5]) == slice(1, 7, 2)
+    assert progression([]) is None and progression([0, 2, 1]) is None and progression([2, 0]) is None
     cache = SlotCache(model, 4, 12)
     decoder = ChunkDecoder(model, cache)
     ids = torch.randint(0, 256, (4, 3), generator=torch.Generator().manual_seed(2))
