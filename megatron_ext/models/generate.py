@@ -10,8 +10,10 @@ entry its callers use.
 
 Schedule. The slots are split into G groups; one pass of a group produces one token for each of
 its rows. With PP the S = pp * vpp virtual stages (megatron's interleaved order: chunk v of
-rank r is stage v * pp + r) form a ring and G = S, so at tick t stage s runs the pass that
-started at tick t - s, of group (t - s) mod G: every stage works every tick. Each tick a rank
+rank r is stage v * pp + r) form a ring, and at tick t stage s runs the pass that started at
+tick t - s, of group (t - s) mod S when that is < G. The default G = S makes every stage work
+every tick; G < S runs fewer, larger passes (G = 1: the stages alternate on the whole batch),
+which measured slower at every batch (benchmarks/generation.py --only pp). Each tick a rank
 sends one message to the next rank and receives one from the previous (one isend/irecv pair,
 posted after its compute and waited before the next tick's): the hidden states of its chunks,
 and from the last stage the sampled token ids (never logits) back to stage 0. Which request
@@ -237,11 +239,13 @@ class Engine:
     calls (add_request, step, drain) with the same arguments and gets the same results.
     max_len: the longest prompt + response a slot holds. seed: the sampler's (the same on
     every rank). check_every: finished rows are looked for every this many tokens per row.
+    groups: G, the slot groups in flight, 1 to pp * vpp (None: pp * vpp); the tokens do not
+    depend on it.
     """
 
     def __init__(self, model, tokenizer, params: SamplingParams, *, vocab_size: int,
                  num_slots: int, max_len: int, seed: int = 0, tp_group=None, pp_group=None,
-                 check_every: int = 4):
+                 check_every: int = 4, groups: Optional[int] = None):
         params.check()
         if num_slots < 1 or check_every < 1:
             raise ValueError(f"num_slots={num_slots} and check_every={check_every} must be >= 1")
@@ -258,8 +262,12 @@ class Engine:
         self.params, self.tokenizer, self.vocab, self.seed = params, tokenizer, vocab_size, seed
         self.max_len, self.pp_group = max_len, pp_group
         self.rank = 0 if self.pp == 1 else dist.get_rank(pp_group)
-        self.stages = self.groups = self.pp * len(self.chunks)
-        self.sync_every = check_every * self.groups
+        self.stages = self.pp * len(self.chunks)
+        self.groups = self.stages if groups is None else groups
+        if not 1 <= self.groups <= self.stages:
+            raise ValueError(f"groups={groups} must be in [1, stages={self.stages}] (pp * vpp); "
+                             "None takes pp * vpp")
+        self.sync_every = check_every * self.stages  # a row gets a token every S ticks
         if self.pp > 1:
             self.last_rank = dist.get_global_rank(pp_group, self.pp - 1)
         self.is_last = inner[-1].post_process
@@ -394,9 +402,11 @@ class Engine:
                 and all(r is None for r in self.slot_request))
 
     def _schedule(self, t: int) -> Optional[_Pass]:
-        """The next pass of group t mod G: its rows still running, then waiting prompts in its
-        free slots."""
-        g = t % self.groups
+        """The next pass of group t mod S (none when that is >= G): its rows still running,
+        then waiting prompts in its free slots."""
+        g = t % self.stages
+        if g >= self.groups:  # G < S: this tick starts no pass
+            return None
         last = self.last[g]
         rows, steps, keep = [], [], []
         for i, (slot, request) in enumerate(last.rows if last is not None else ()):
