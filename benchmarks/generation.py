@@ -2,7 +2,7 @@
 transformers' `generate` on the same weights, and our pipelined decode at PP=2 against PP=1.
 
     python -m benchmarks.generation [--batches 1 16 128] [--lengths 32 256] [--threads 1 2] \
-        [--repeats 2] [--pp-batches 16 128] [--pp-length 128]
+        [--repeats 2] [--pp-batches 16 128] [--pp-length 128] [--pp-groups 2 1] [--pp-vpp 1]
 
 The model: a random `LlamaForCausalLM` of the `tiny` preset's shape (4 layers, hidden 64, 4
 heads / 2 KV groups, SwiGLU 128, vocab 384; rl_throughput.py's), saved with save_pretrained and
@@ -64,7 +64,7 @@ def make_hf_folder(path: str, seed: int = 0):
     return model
 
 
-def build_ours(hf_dir: str, world: int, pp: int):
+def build_ours(hf_dir: str, world: int, pp: int, vpp: int = 1):
     """(chunks, topo, vocab size) of our GPTModel with the HF folder's weights."""
     from megatron_ext import compat
     from megatron_ext.config.load import compose_config
@@ -74,7 +74,7 @@ def build_ours(hf_dir: str, world: int, pp: int):
     from parallel import topology
     compat.setup()
     cfg = compose_config(["model=hf", f"model.hf_path={hf_dir}", "logging=none",
-                          f"parallel.pp={pp}"])
+                          f"parallel.pp={pp}"] + ([f"parallel.vpp={vpp}"] if vpp > 1 else []))
     topo = topology.initialize(validate(cfg, world), seed=cfg.seed)
     vocab = cfg.model.vocab_size
     chunks = build_gpt_chunks(cfg, topo, vocab)
@@ -161,9 +161,9 @@ def run_engine(chunks, prompts: torch.Tensor, length: int, vocab: int, pp_group,
     return took
 
 
-def _pp_worker(rank, world, hf_dir, batches, length, repeats, variants, out_path):
+def _pp_worker(rank, world, hf_dir, batches, length, repeats, variants, vpp, out_path):
     torch.set_num_threads(1)
-    chunks, topo, vocab = build_ours(hf_dir, world, world)
+    chunks, topo, vocab = build_ours(hf_dir, world, world, vpp if world > 1 else 1)
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     group = topo.pp_group if world > 1 else None
@@ -186,14 +186,15 @@ def _pp_worker(rank, world, hf_dir, batches, length, repeats, variants, out_path
 
 
 def pp_vs_pp1(args, hf_dir: str):
-    """[(batch, PP=1 tok/s, {groups: PP=2 tok/s})]; PP=2 at each of args.pp_groups."""
+    """[(batch, PP=1 tok/s, {groups: PP=2 tok/s})]; PP=2 (x VPP=args.pp_vpp) at each of
+    args.pp_groups (default: every G from S = 2 * vpp down to 1)."""
     from tests.dist._spawn import run_distributed
-    variants = args.pp_groups
+    variants = args.pp_groups or list(range(2 * args.pp_vpp, 0, -1))
     got = {}
     for world in (1, 2):
         path = os.path.join(os.path.dirname(hf_dir), f"pp{world}.pt")
         run_distributed(_pp_worker, world, hf_dir, args.pp_batches, args.pp_length,
-                        args.repeats, variants, path, timeout_s=1200)
+                        args.repeats, variants, args.pp_vpp, path, timeout_s=1200)
         got[world] = torch.load(path)
         print(f"  PP={world}: " + ", ".join(
             f"batch {b} {f'G={g} ' if world > 1 else ''}{v:,.0f} tok/s"
@@ -209,8 +210,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--pp-batches", type=int, nargs="+", default=[16, 128])
     p.add_argument("--pp-length", type=int, default=128)
-    p.add_argument("--pp-groups", type=int, nargs="+", default=[2, 1],
-                   help="PP=2 slot groups in flight to compare (2: the engine's default)")
+    p.add_argument("--pp-groups", type=int, nargs="+",
+                   help="slot groups in flight to compare (default: S = 2 * vpp, the engine's "
+                        "default, down to 1)")
+    p.add_argument("--pp-vpp", type=int, default=1, help="virtual stages per rank at PP=2")
     p.add_argument("--only", choices=("hf", "pp"), help="one comparison only")
     args = p.parse_args()
     sys.path.insert(0, ROOT)
@@ -237,15 +240,17 @@ def main() -> None:
               f"{ours / theirs:.2f}x |")
     if pp_rows:
         names = [f"G={g}" for g in pp_rows[0][2]]
-        print(f"\nPP=2 (2 processes x 1 thread) vs PP=1 (1 process x 1 thread), "
-              f"{args.pp_length} new tokens; G: slot groups in flight (G=2 keeps both stages "
-              f"busy, G=1 alternates them)\n")
+        vpp = f" x VPP={args.pp_vpp}" if args.pp_vpp > 1 else ""
+        print(f"\nPP=2{vpp} (2 processes x 1 thread) vs PP=1 (1 process x 1 thread), "
+              f"{args.pp_length} new tokens; G: slot groups in flight (G=S={2 * args.pp_vpp} "
+              f"keeps every stage busy, G=1 runs one stage at a time on the whole batch)\n")
         print("| batch | PP=1 tok/s | " + " | ".join(f"PP=2 {n} tok/s" for n in names) + " | "
               + " | ".join(f"{n} / PP1" for n in names) + " |")
         print("|---" * (2 + 2 * len(names)) + "|")
         for batch, one, two in pp_rows:
             print(f"| {batch} | {one:,.0f} | " + " | ".join(f"{v:,.0f}" for v in two.values())
                   + " | " + " | ".join(f"{v / one:.2f}x" for v in two.values()) + " |")
+
 
 if __name__ == "__main__":
     main()
