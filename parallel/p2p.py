@@ -1,13 +1,9 @@
 """Ring exchange: pass a tensor to the next rank of a group while receiving the previous one's.
 
-Ring attention and the generation engine's pipelined decode start the exchange, compute on
-what they already hold, then wait, so communication hides behind compute. Each step posts
-exactly one send and one receive per rank: on GPUs (NCCL) in one ``batch_isend_irecv``, which
-NCCL needs (both ranks of a pair send first; unbatched, a rendezvous-size send would wait for a
-receive posted after it); on CPU tensors (gloo) as a plain isend and irecv, the other pattern
-seen correct on gloo for 2, 3 and 4 ranks (larger batches of p2p ops gave wrong results with
-gloo in pipeline parallelism), which costs about half as much per exchange (its coalescing
-bookkeeping: ~65 -> ~30 us to post, ~130 -> ~90 us a round trip, benchmarks/pp_decode_costs.py).
+Ring attention starts the exchange, computes on the block it already holds, then waits, so
+communication hides behind compute. Each step posts exactly one send and one receive per rank
+in one ``batch_isend_irecv``: the pattern seen correct on gloo for 2, 3 and 4 ranks (larger
+batches of p2p ops gave wrong results with gloo in pipeline parallelism).
 """
 
 from typing import List, Optional
@@ -42,15 +38,13 @@ def ring_shift(tensor: torch.Tensor, group: dist.ProcessGroup, *, tag: int = 0,
     """
     size = dist.get_world_size(group=group)
     rank = dist.get_rank(group=group)
-    send_to, recv_from = (rank + 1) % size, (rank - 1) % size  # ranks in the group
+    send_to = dist.get_global_rank(group, (rank + 1) % size)
+    recv_from = dist.get_global_rank(group, (rank - 1) % size)
     tensor = tensor.contiguous()
     if received is None:
         received = torch.empty_like(tensor)
-    if tensor.device.type == "cpu":
-        works = [dist.isend(tensor, group=group, tag=tag, group_dst=send_to),
-                 dist.irecv(received, group=group, tag=tag, group_src=recv_from)]
-    else:
-        works = dist.batch_isend_irecv([
-            dist.P2POp(dist.isend, tensor, group=group, tag=tag, group_peer=send_to),
-            dist.P2POp(dist.irecv, received, group=group, tag=tag, group_peer=recv_from)])
-    return PendingShift(received, works, tensor)
+    ops = [
+        dist.P2POp(dist.isend, tensor, send_to, group=group, tag=tag),
+        dist.P2POp(dist.irecv, received, recv_from, group=group, tag=tag),
+    ]
+    return PendingShift(received, dist.batch_isend_irecv(ops), tensor)
