@@ -11,9 +11,12 @@ entry its callers use.
 Schedule. The slots are split into G groups; one pass of a group produces one token for each of
 its rows. With PP the S = pp * vpp virtual stages (megatron's interleaved order: chunk v of
 rank r is stage v * pp + r) form a ring, and at tick t stage s runs the pass that started at
-tick t - s, of group (t - s) mod S when that is < G. The default G = S makes every stage work
-every tick; G < S runs fewer, larger passes (G = 1: the stages alternate on the whole batch),
-which measured slower at every batch (benchmarks/generation.py --only pp). Each tick a rank
+tick t - s, of group (t - s) mod S when that is < G: the G stages t - G + 1 .. t (mod S) work.
+The default G = pp gives every rank exactly one pass per tick (pp consecutive stages hold each
+rank once), the largest passes that keep every rank busy: a smaller G idles ranks, and G = S
+runs vpp passes of 1/vpp the rows per rank and tick, the same arithmetic in vpp times the
+calls (at PP=2 x VPP=2, G=4 gave 0.56-0.79x the tokens/s of G=2; benchmarks/generation.py
+--only pp --pp-vpp 2). Each tick a rank
 sends one message to the next rank and receives one from the previous (one isend/irecv pair,
 posted after its compute and waited before the next tick's): the hidden states of its chunks,
 and from the last stage the sampled token ids (never logits) back to stage 0. Which request
@@ -239,8 +242,8 @@ class Engine:
     calls (add_request, step, drain) with the same arguments and gets the same results.
     max_len: the longest prompt + response a slot holds. seed: the sampler's (the same on
     every rank). check_every: finished rows are looked for every this many tokens per row.
-    groups: G, the slot groups in flight, 1 to pp * vpp (None: pp * vpp); the tokens do not
-    depend on it.
+    groups: G, the slot groups in flight, 1 to pp * vpp (None: pp, one pass per rank and
+    tick); the tokens do not depend on it.
     """
 
     def __init__(self, model, tokenizer, params: SamplingParams, *, vocab_size: int,
@@ -263,10 +266,10 @@ class Engine:
         self.max_len, self.pp_group = max_len, pp_group
         self.rank = 0 if self.pp == 1 else dist.get_rank(pp_group)
         self.stages = self.pp * len(self.chunks)
-        self.groups = self.stages if groups is None else groups
+        self.groups = self.pp if groups is None else groups
         if not 1 <= self.groups <= self.stages:
             raise ValueError(f"groups={groups} must be in [1, stages={self.stages}] (pp * vpp); "
-                             "None takes pp * vpp")
+                             "None takes pp")
         self.sync_every = check_every * self.stages  # a row gets a token every S ticks
         if self.pp > 1:
             self.last_rank = dist.get_global_rank(pp_group, self.pp - 1)
@@ -341,8 +344,8 @@ class Engine:
         self.cache.release()
 
     def step(self) -> None:
-        """One tick: every stage of this rank runs its pass, then the messages of the next tick
-        are posted."""
+        """One tick: the stages of this rank that hold a pass run it, then the messages of the
+        next tick are posted."""
         inbound = None
         if self.pending is not None:
             inbound, self.pending = self.pending.wait(), None
