@@ -15,13 +15,14 @@ tick t - s, of group (t - s) mod S when that is < G: the G stages t - G + 1 .. t
 The default G = pp gives every rank exactly one pass per tick (pp consecutive stages hold each
 rank once), the largest passes that keep every rank busy: a smaller G idles ranks, and G = S
 runs vpp passes of 1/vpp the rows per rank and tick, the same arithmetic in vpp times the
-calls (at PP=2 x VPP=2, G=4 gave 0.56-0.79x the tokens/s of G=2; benchmarks/generation.py
---only pp --pp-vpp 2). Each tick a rank
-sends one message to the next rank and receives one from the previous (one isend/irecv pair,
+calls (at PP=2 x VPP=2, batch 16 to 128, G=4 gave 0.55-0.97x the tokens/s of G=2 in 13 of
+14 A/B points on a loaded machine; benchmarks/generation.py --only pp --pp-vpp 2). Each tick
+a rank sends one message to the next rank and receives one from the previous (one isend/irecv pair,
 posted after its compute and waited before the next tick's): the hidden states of its chunks,
 and from the last stage the sampled token ids (never logits) back to stage 0. Which request
 sits in which slot is decided by the same deterministic scheduler on every rank. Finished rows
-(EOS, stop strings) are looked for every `check_every` ticks, not every token: the done state
+(EOS, stop strings) are looked for every `check_every` tokens of a row (that many rounds of S
+ticks), not every token: the done state
 lives on the last stage's device until then, when it reads it to the host, scans only the new
 text of each row for stop strings and broadcasts the finished results over the PP group;
 a row's length limit is known to every rank without a sync. A finished row may decode a few
