@@ -15,8 +15,8 @@ tick t - s, of group (t - s) mod S when that is < G: the G stages t - G + 1 .. t
 The default G = pp gives every rank exactly one pass per tick (pp consecutive stages hold each
 rank once), the largest passes that keep every rank busy: a smaller G idles ranks, and G = S
 runs vpp passes of 1/vpp the rows per rank and tick, the same arithmetic in vpp times the
-calls (at PP=2 x VPP=2, batch 16 to 128, G=4 gave 0.55-0.97x the tokens/s of G=2 in 17 of
-18 A/B points; benchmarks/generation.py --only pp --pp-vpp 2). At PP=2, G=1 gave 0.75-0.9x of
+calls (at PP=2 x VPP=2, batch 16 to 128, G=4 gave 0.55-0.97x the tokens/s of G=2 in 20 of
+21 A/B points; benchmarks/generation.py --only pp --pp-vpp 2). At PP=2, G=1 gave 0.75-0.99x of
 G=2; at PP=2 x VPP=2 and batch <= 32 it gave 1.2x (the last stage's sampling has a fixed cost
 of ~0.27 ms a pass, paid G times a round), equal at 64 and 128. Each tick
 a rank sends one message to the next rank and receives one from the previous (one isend/irecv pair,
