@@ -2,7 +2,7 @@
 transformers' `generate` on the same weights, and our pipelined decode at PP=2 against PP=1.
 
     python -m benchmarks.generation [--batches 1 16 128] [--lengths 32 256] [--threads 1 2] \
-        [--repeats 2] [--pp-batches 16 128] [--pp-length 128]
+        [--repeats 2] [--pp-batches 16 128] [--pp-length 128] [--pp-groups 2 1] [--pp-vpp 1]
 
 The model: a random `LlamaForCausalLM` of the `tiny` preset's shape (4 layers, hidden 64, 4
 heads / 2 KV groups, SwiGLU 128, vocab 384; rl_throughput.py's), saved with save_pretrained and
@@ -20,7 +20,10 @@ slowest runs are other jobs' doing). The load average before and after is printe
 
 PP: the same batch and length through our engine at PP=2 (two gloo processes, one thread each,
 each holding half of the layers) against PP=1 (one process, one thread): the ratio of
-tokens/s (issue goal >= 0.9: the pipeline hides its bubbles)."""
+tokens/s (issue goal >= 0.9: the pipeline hides its bubbles), at each `--pp-groups` G (slot
+groups in flight: 2 keeps both stages busy on half the batch each, 1 alternates them on the
+whole batch), the variants alternating within one launch. This part drives the Engine directly
+(generate() minus its seed broadcast and Rollout tensors), so that G can be set."""
 from __future__ import annotations
 
 import argparse
@@ -61,7 +64,7 @@ def make_hf_folder(path: str, seed: int = 0):
     return model
 
 
-def build_ours(hf_dir: str, world: int, pp: int):
+def build_ours(hf_dir: str, world: int, pp: int, vpp: int = 1):
     """(chunks, topo, vocab size) of our GPTModel with the HF folder's weights."""
     from megatron_ext import compat
     from megatron_ext.config.load import compose_config
@@ -71,7 +74,7 @@ def build_ours(hf_dir: str, world: int, pp: int):
     from parallel import topology
     compat.setup()
     cfg = compose_config(["model=hf", f"model.hf_path={hf_dir}", "logging=none",
-                          f"parallel.pp={pp}"])
+                          f"parallel.pp={pp}"] + ([f"parallel.vpp={vpp}"] if vpp > 1 else []))
     topo = topology.initialize(validate(cfg, world), seed=cfg.seed)
     vocab = cfg.model.vocab_size
     chunks = build_gpt_chunks(cfg, topo, vocab)
@@ -84,7 +87,7 @@ def prompts_for(batch: int, seed: int = 0):
     return torch.randint(0, 256, (batch, PROMPT_LEN), generator=g)
 
 
-def run_ours(chunks, prompts: torch.Tensor, length: int, vocab: int, pp_group=None) -> float:
+def run_ours(chunks, prompts: torch.Tensor, length: int, vocab: int) -> float:
     """Seconds for one generate() call; asserts that every row ran to `length`."""
     from megatron_ext.models.generate import SamplingParams, generate
     from benchmarks.rl_throughput import PAD
@@ -92,7 +95,7 @@ def run_ours(chunks, prompts: torch.Tensor, length: int, vocab: int, pp_group=No
     generator = torch.Generator(device=prompts.device).manual_seed(1)
     start = time.perf_counter()
     out = generate(chunks, prompts.tolist(), NoEosTokenizer(PAD), params, vocab_size=vocab,
-                   generator=generator, pp_group=pp_group, num_slots=prompts.size(0))
+                   generator=generator, num_slots=prompts.size(0))
     took = time.perf_counter() - start
     assert bool((out.response_lens == length).all()), out.response_lens
     return took
@@ -138,37 +141,65 @@ def engine_vs_hf(args, hf_dir: str):
     return rows
 
 
-def _pp_worker(rank, world, hf_dir, batches, length, repeats, out_path):
+def run_engine(chunks, prompts: torch.Tensor, length: int, vocab: int, pp_group,
+               groups) -> float:
+    """Seconds for one Engine drain with `groups` slot groups in flight (None: its default), the
+    sampler seeded as generate() would at seed 1; asserts that every row ran to `length`."""
+    from megatron_ext.models.generate import Engine, SamplingParams
+    from benchmarks.rl_throughput import PAD
+    params = SamplingParams(max_new_tokens=length, temperature=1.0)
+    start = time.perf_counter()
+    engine = Engine(chunks, NoEosTokenizer(PAD), params, vocab_size=vocab,
+                    num_slots=prompts.size(0), max_len=PROMPT_LEN + length, seed=1,
+                    pp_group=pp_group, groups=groups)
+    for p in prompts.tolist():
+        engine.add_request(p)
+    results = engine.drain()
+    engine.release()
+    took = time.perf_counter() - start
+    assert all(len(r.tokens) == length for r in results)
+    return took
+
+
+def _pp_worker(rank, world, hf_dir, batches, length, repeats, variants, vpp, out_path):
     torch.set_num_threads(1)
-    chunks, topo, vocab = build_ours(hf_dir, world, world)
+    chunks, topo, vocab = build_ours(hf_dir, world, world, vpp if world > 1 else 1)
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     group = topo.pp_group if world > 1 else None
+    variants = [None] if world == 1 else variants
     results = {}
     for batch in batches:
         prompts = prompts_for(batch)
-        run_ours(chunks, prompts, 4, vocab, group)  # warm-up
-        times = []
-        for _ in range(repeats):
-            dist.barrier()
-            times.append(run_ours(chunks, prompts, length, vocab, group))
-        results[batch] = batch * length / min(times)
+        for groups in variants:
+            run_engine(chunks, prompts, 4, vocab, group, groups)  # warm-up
+        times = {groups: [] for groups in variants}
+        for r in range(repeats):  # the variants alternate, so they meet the same load
+            for groups in (variants if r % 2 == 0 else variants[::-1]):
+                dist.barrier()
+                times[groups].append(run_engine(chunks, prompts, length, vocab, group, groups))
+        for groups in variants:
+            results[batch, groups] = batch * length / min(times[groups])
     if rank == 0:
         torch.save(results, out_path)
     ps.destroy_model_parallel()
 
 
 def pp_vs_pp1(args, hf_dir: str):
+    """[(batch, PP=1 tok/s, {groups: PP=2 tok/s})]; PP=2 (x VPP=args.pp_vpp) at each of
+    args.pp_groups (default: every G from S = 2 * vpp down to 1)."""
     from tests.dist._spawn import run_distributed
+    variants = args.pp_groups or list(range(2 * args.pp_vpp, 0, -1))
     got = {}
     for world in (1, 2):
         path = os.path.join(os.path.dirname(hf_dir), f"pp{world}.pt")
         run_distributed(_pp_worker, world, hf_dir, args.pp_batches, args.pp_length,
-                        args.repeats, path, timeout_s=1200)
+                        args.repeats, variants, args.pp_vpp, path, timeout_s=1200)
         got[world] = torch.load(path)
-        print(f"  PP={world}: " + ", ".join(f"batch {b} {v:,.0f} tok/s" for b, v in got[world].items()),
-              flush=True)
-    return [(b, got[1][b], got[2][b]) for b in args.pp_batches]
+        print(f"  PP={world}: " + ", ".join(
+            f"batch {b} {f'G={g} ' if world > 1 else ''}{v:,.0f} tok/s"
+            for (b, g), v in got[world].items()), flush=True)
+    return [(b, got[1][b, None], {g: got[2][b, g] for g in variants}) for b in args.pp_batches]
 
 
 def main() -> None:
@@ -179,6 +210,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--pp-batches", type=int, nargs="+", default=[16, 128])
     p.add_argument("--pp-length", type=int, default=128)
+    p.add_argument("--pp-groups", type=int, nargs="+",
+                   help="slot groups in flight to compare (default: S = 2 * vpp, the engine's "
+                        "default, down to 1)")
+    p.add_argument("--pp-vpp", type=int, default=1, help="virtual stages per rank at PP=2")
     p.add_argument("--only", choices=("hf", "pp"), help="one comparison only")
     args = p.parse_args()
     sys.path.insert(0, ROOT)
@@ -204,12 +239,17 @@ def main() -> None:
         print(f"| {threads} | {batch} | {length} | {ours:,.0f} | {theirs:,.0f} | "
               f"{ours / theirs:.2f}x |")
     if pp_rows:
-        print(f"\nPP=2 (2 processes x 1 thread) vs PP=1 (1 process x 1 thread), "
-              f"{args.pp_length} new tokens\n")
-        print("| batch | PP=1 tok/s | PP=2 tok/s | PP2 / PP1 |")
-        print("|---|---|---|---|")
+        names = [f"G={g}" for g in pp_rows[0][2]]
+        vpp = f" x VPP={args.pp_vpp}" if args.pp_vpp > 1 else ""
+        print(f"\nPP=2{vpp} (2 processes x 1 thread) vs PP=1 (1 process x 1 thread), "
+              f"{args.pp_length} new tokens; G: slot groups in flight (G=S={2 * args.pp_vpp} "
+              f"keeps every stage busy, G=1 runs one stage at a time on the whole batch)\n")
+        print("| batch | PP=1 tok/s | " + " | ".join(f"PP=2 {n} tok/s" for n in names) + " | "
+              + " | ".join(f"{n} / PP1" for n in names) + " |")
+        print("|---" * (2 + 2 * len(names)) + "|")
         for batch, one, two in pp_rows:
-            print(f"| {batch} | {one:,.0f} | {two:,.0f} | {two / one:.2f}x |")
+            print(f"| {batch} | {one:,.0f} | " + " | ".join(f"{v:,.0f}" for v in two.values())
+                  + " | " + " | ".join(f"{v / one:.2f}x" for v in two.values()) + " |")
 
 
 if __name__ == "__main__":

@@ -10,13 +10,21 @@ entry its callers use.
 
 Schedule. The slots are split into G groups; one pass of a group produces one token for each of
 its rows. With PP the S = pp * vpp virtual stages (megatron's interleaved order: chunk v of
-rank r is stage v * pp + r) form a ring and G = S, so at tick t stage s runs the pass that
-started at tick t - s, of group (t - s) mod G: every stage works every tick. Each tick a rank
-sends one message to the next rank and receives one from the previous (one isend/irecv pair,
+rank r is stage v * pp + r) form a ring, and at tick t stage s runs the pass that started at
+tick t - s, of group (t - s) mod S when that is < G: the G stages t - G + 1 .. t (mod S) work.
+The default G = pp gives every rank exactly one pass per tick (pp consecutive stages hold each
+rank once), the largest passes that keep every rank busy: a smaller G idles ranks, and G = S
+runs vpp passes of 1/vpp the rows per rank and tick, the same arithmetic in vpp times the
+calls (at PP=2 x VPP=2, batch 16 to 128, G=4 gave 0.55-0.97x the tokens/s of G=2 in 20 of
+21 A/B points; benchmarks/generation.py --only pp --pp-vpp 2). At PP=2, G=1 gave 0.75-0.99x of
+G=2; at PP=2 x VPP=2 and batch <= 32 it gave 1.2x (the last stage's sampling has a fixed cost
+of ~0.27 ms a pass, paid G times a round), equal at 64 and 128. Each tick
+a rank sends one message to the next rank and receives one from the previous (one isend/irecv pair,
 posted after its compute and waited before the next tick's): the hidden states of its chunks,
 and from the last stage the sampled token ids (never logits) back to stage 0. Which request
 sits in which slot is decided by the same deterministic scheduler on every rank. Finished rows
-(EOS, stop strings) are looked for every `check_every` ticks, not every token: the done state
+(EOS, stop strings) are looked for every `check_every` tokens of a row (that many rounds of S
+ticks), not every token: the done state
 lives on the last stage's device until then, when it reads it to the host, scans only the new
 text of each row for stop strings and broadcasts the finished results over the PP group;
 a row's length limit is known to every rank without a sync. A finished row may decode a few
@@ -240,6 +248,8 @@ class Engine:
     calls (add_request, step, drain) with the same arguments and gets the same results.
     max_len: the longest prompt + response a slot holds. seed: the sampler's (the same on
     every rank). check_every: finished rows are looked for every this many tokens per row.
+    groups: G, the slot groups in flight, 1 to pp * vpp (None: pp, one pass per rank and
+    tick); the tokens do not depend on it.
     cuda_graphs: decode passes replay CUDA graphs of fixed shapes (models/decode_graph.py;
     the model on CUDA). fixed_shape: decode passes run at those fixed shapes without graphs
     (what the CPU tests check of the graphs' bucketing; implied by cuda_graphs).
@@ -247,7 +257,8 @@ class Engine:
 
     def __init__(self, model, tokenizer, params: SamplingParams, *, vocab_size: int,
                  num_slots: int, max_len: int, seed: int = 0, tp_group=None, pp_group=None,
-                 check_every: int = 4, cuda_graphs: bool = False, fixed_shape: bool = False):
+                 check_every: int = 4, groups: Optional[int] = None, cuda_graphs: bool = False,
+                 fixed_shape: bool = False):
         params.check()
         if num_slots < 1 or check_every < 1:
             raise ValueError(f"num_slots={num_slots} and check_every={check_every} must be >= 1")
@@ -264,8 +275,12 @@ class Engine:
         self.params, self.tokenizer, self.vocab, self.seed = params, tokenizer, vocab_size, seed
         self.max_len, self.pp_group = max_len, pp_group
         self.rank = 0 if self.pp == 1 else dist.get_rank(pp_group)
-        self.stages = self.groups = self.pp * len(self.chunks)
-        self.sync_every = check_every * self.groups
+        self.stages = self.pp * len(self.chunks)
+        self.groups = self.pp if groups is None else groups
+        if not 1 <= self.groups <= self.stages:
+            raise ValueError(f"groups={groups} must be in [1, stages={self.stages}] (pp * vpp); "
+                             "None takes pp")
+        self.sync_every = check_every * self.stages  # a row gets a token every S ticks
         if self.pp > 1:
             self.last_rank = dist.get_global_rank(pp_group, self.pp - 1)
         self.is_last = inner[-1].post_process
@@ -345,8 +360,8 @@ class Engine:
         self.cache.release()
 
     def step(self) -> None:
-        """One tick: every stage of this rank runs its pass, then the messages of the next tick
-        are posted."""
+        """One tick: the stages of this rank that hold a pass run it, then the messages of the
+        next tick are posted."""
         inbound = None
         if self.pending is not None:
             inbound, self.pending = self.pending.wait(), None
@@ -414,9 +429,11 @@ class Engine:
                 and all(r is None for r in self.slot_request))
 
     def _schedule(self, t: int) -> Optional[_Pass]:
-        """The next pass of group t mod G: its rows still running, then waiting prompts in its
-        free slots."""
-        g = t % self.groups
+        """The next pass of group t mod S (none when that is >= G): its rows still running,
+        then waiting prompts in its free slots."""
+        g = t % self.stages
+        if g >= self.groups:  # G < S: this tick starts no pass
+            return None
         last = self.last[g]
         rows, steps, keep = [], [], []
         for i, (slot, request) in enumerate(last.rows if last is not None else ()):

@@ -200,6 +200,10 @@ def test_engine_rejects_bad_requests(monkeypatch):
         engine.add_request([1] * 11)
     with pytest.raises(ValueError, match="num_slots=0"):
         Engine(model, TOK, SamplingParams(), vocab_size=259, num_slots=0, max_len=20)
+    for groups in (0, 2):  # one stage: G = 1 only
+        with pytest.raises(ValueError, match=f"groups={groups} must be in \\[1, stages=1\\]"):
+            Engine(model, TOK, SamplingParams(), vocab_size=259, num_slots=2, max_len=20,
+                   groups=groups)
 
 
 def test_requests_added_while_running_get_their_own_samples(monkeypatch):
