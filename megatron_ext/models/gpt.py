@@ -17,6 +17,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext.compat import has_transformer_engine
+from megatron_ext.compat.rope import install_fused_rope
 from megatron_ext.config.schema import Config
 from megatron_ext.models.fused_loss import FusedLossGPTModel, VocabGPTModel
 from megatron_ext.models.fused_swiglu import apply_fused_swiglu
@@ -29,6 +30,7 @@ from megatron_ext.models.attention import (
 )
 from megatron_ext.models.init import initialize_weights, mark_tensor_parallel
 from megatron_ext.ops import resolve_fused
+from megatron_ext.ops.rms_norm import use_one_node_rms_norm
 from parallel.topology import Topology
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -85,7 +87,8 @@ def transformer_config(cfg: Config, topo: Topology) -> TransformerConfig:
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=False,
+        # our one-node RoPE where TE's fused one is absent (compat/rope.py); TE's stays off
+        apply_rope_fusion=install_fused_rope(),
         gradient_accumulation_fusion=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -185,6 +188,7 @@ def build_gpt_chunks(cfg: Config, topo: Topology, vocab_size: int,
             vp_stage=vp_stage,
         )
         chunks.append(model.to(topo.device))
+    use_one_node_rms_norm(chunks)  # torch's RMSNorm modules (local spec) get a one-node backward
     mark_tensor_parallel(chunks)
     if init:
         initialize_weights(chunks, cfg.seed, vocab_size, topo)

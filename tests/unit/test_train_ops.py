@@ -1,0 +1,115 @@
+"""The training forward's one-node ops against what they replace: our RoPE against megatron's
+unfused `_apply_rotary_pos_emb_bshd`, our RMSNorm against torch.nn.RMSNorm (values and grads
+in float64), the hook that puts them in the model, and the RL log-prob loss on the transposed
+logits view the model now hands it (same values and grads as on the contiguous copy)."""
+import pytest
+import torch
+from megatron.core.models.common.embeddings import rope_utils
+
+from megatron_ext.compat.rope import _fused_rope, install_fused_rope
+from megatron_ext.ops.rms_norm import RMSNorm, use_one_node_rms_norm
+from megatron_ext.ops.rope import apply_rope
+from megatron_ext.rl.losses import logprobs_and_entropy
+
+F64 = torch.float64
+
+
+def _freqs(s, b, d, dtype=torch.float32):
+    """megatron's layout: the d/2 angles twice, [s, b, 1, d]."""
+    half = torch.rand(s, b, 1, d // 2, dtype=dtype) * 10
+    return torch.cat([half, half], dim=-1)
+
+
+@pytest.mark.parametrize("freq_batch", [1, 3], ids=["shared", "per_row"])
+def test_rope_equals_megatrons_values_and_grads(freq_batch):
+    t = torch.randn(5, 3, 4, 16, dtype=F64, requires_grad=True)
+    freqs = _freqs(5, freq_batch, 16, F64)
+    grad = torch.randn(5, 3, 4, 16, dtype=F64)
+    ours = apply_rope(t, freqs)
+    (g_ours,) = torch.autograd.grad(ours, t, grad)
+    ref = rope_utils._apply_rotary_pos_emb_bshd(t, freqs)
+    (g_ref,) = torch.autograd.grad(ref, t, grad)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_rope_fp32_on_a_strided_view_matches_megatron():
+    qkv = torch.randn(7, 2, 2, 64)  # the query is a view of the fused qkv projection
+    q = qkv[..., :32].reshape(7, 2, 4, 16)
+    freqs = _freqs(7, 1, 16)
+    torch.testing.assert_close(apply_rope(q, freqs), rope_utils._apply_rotary_pos_emb_bshd(q, freqs),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_rope_hook_defers_what_it_does_not_do():
+    t = torch.randn(4, 2, 2, 16, dtype=F64)
+    freqs = _freqs(4, 1, 16, F64)
+    for kwargs, ref in [({"interleaved": True}, rope_utils._apply_rotary_pos_emb_bshd(
+                            t, freqs, rotary_interleaved=True)),
+                        ({}, rope_utils._apply_rotary_pos_emb_bshd(t, freqs[..., :8]))]:
+        f = freqs if kwargs else freqs[..., :8]  # interleaved; partial rotary (half the dim)
+        torch.testing.assert_close(_fused_rope(t, f, **kwargs), ref, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="whole, even head dim"):
+        apply_rope(t, freqs[..., :8])
+
+
+def test_rope_hook_serves_megatrons_fusion_flag():
+    assert install_fused_rope() is True  # no TE here: ours is megatron's fused RoPE
+    assert rope_utils.fused_apply_rotary_pos_emb is _fused_rope
+    assert install_fused_rope() is True  # idempotent
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 8), (6, 10)], ids=str)
+def test_rms_norm_equals_torch_values_and_grads(shape):
+    torch.manual_seed(0)
+    ref = torch.nn.RMSNorm(shape[-1], eps=1e-5, dtype=F64)
+    with torch.no_grad():
+        ref.weight.copy_(torch.rand(shape[-1], dtype=F64) + 0.5)
+    ours = torch.nn.RMSNorm(shape[-1], eps=1e-5, dtype=F64)
+    ours.load_state_dict(ref.state_dict())
+    assert use_one_node_rms_norm([torch.nn.Sequential(ours)]) == 1 and type(ours) is RMSNorm
+    x = torch.randn(shape, dtype=F64)
+    grad = torch.randn(shape, dtype=F64)
+    outs = []
+    for norm in (ref, ours):
+        xi = x.clone().requires_grad_()
+        y = norm(xi)
+        outs.append((y, *torch.autograd.grad(y, (xi, norm.weight), grad)))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_rms_norm_fp32_path_and_fallbacks():
+    ref = torch.nn.RMSNorm(16, eps=1e-6)
+    ours = torch.nn.RMSNorm(16, eps=1e-6)
+    use_one_node_rms_norm([ours])
+    x = torch.randn(5, 16, requires_grad=True)
+    y = ours(x)
+    assert y.grad_fn is not None and "RMSNorm" in type(y.grad_fn).__name__
+    torch.testing.assert_close(y, ref(x), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # torch's own forward, the same numbers
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-6, atol=1e-6)
+    assert list(ours.state_dict()) == ["weight"]
+
+
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_logprob_loss_on_the_transposed_logits_view(entropy_grad):
+    """The model returns training logits as the [b, s, v] view of its [s, b, v] output: the
+    loss gives what it gives on the contiguous copy, and its gradient comes back in the
+    output layer's own order (contiguous, no copy), padding columns zero."""
+    torch.manual_seed(0)
+    base = torch.randn(6, 4, 24, dtype=F64)  # [s, b, v_padded]
+    targets = torch.randint(0, 20, (4, 6))
+    got = []
+    for view in (True, False):
+        logits = base.clone().requires_grad_()
+        x = logits.transpose(0, 1) if view else logits.transpose(0, 1).contiguous()
+        logp, ent = logprobs_and_entropy(x, targets, vocab_size=20, entropy_grad=entropy_grad)
+        loss = logp.sum() + (ent.sum() if entropy_grad else 0.0)
+        loss.backward()
+        got.append((logp, ent, logits.grad))
+    (lp, ent, grad), (lp_ref, ent_ref, grad_ref) = got
+    torch.testing.assert_close(lp, lp_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ent, ent_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad, grad_ref, rtol=0, atol=1e-12)
+    assert grad.is_contiguous() and grad[..., 20:].abs().max() == 0
