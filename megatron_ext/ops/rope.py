@@ -10,10 +10,14 @@ import torch
 
 
 def _rotate_into(out: torch.Tensor, x: torch.Tensor, sin: torch.Tensor, sign: float) -> None:
-    """out += sign * rotate_half(x) * sin, in place, half by half (no rotated copy)."""
+    """out += sign * rotate_half(x) * sin, in place, half by half (no rotated copy). Product
+    then sum, each rounded, as megatron's `t*cos + rotate_half(t)*sin` (a fused multiply-add
+    would round once and move the logits off the decoder's by an ulp)."""
     h = x.size(-1) // 2
-    out[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-sign)
-    out[..., h:].addcmul_(x[..., :h], sin[..., h:], value=sign)
+    lo, hi = (out[..., :h].sub_, out[..., h:].add_) if sign > 0 else (out[..., :h].add_,
+                                                                       out[..., h:].sub_)
+    lo(x[..., h:] * sin[..., :h])
+    hi(x[..., :h] * sin[..., h:])
 
 
 class _Rope(torch.autograd.Function):
