@@ -30,7 +30,6 @@ from megatron_ext.models.attention import (
 )
 from megatron_ext.models.init import initialize_weights, mark_tensor_parallel
 from megatron_ext.ops import resolve_fused
-from megatron_ext.ops.rms_norm import use_one_node_rms_norm
 from parallel.topology import Topology
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -188,7 +187,6 @@ def build_gpt_chunks(cfg: Config, topo: Topology, vocab_size: int,
             vp_stage=vp_stage,
         )
         chunks.append(model.to(topo.device))
-    use_one_node_rms_norm(chunks)  # torch's RMSNorm modules (local spec) get a one-node backward
     mark_tensor_parallel(chunks)
     if init:
         initialize_weights(chunks, cfg.seed, vocab_size, topo)

@@ -129,8 +129,7 @@ def resolve_fused(key: str, setting, device_type: str, *,
                   cuda_built: bool | None = None) -> FusedChoice:
     """The one reading of model.<key> (fused_loss or fused_swiglu) for a run on device_type.
 
-    CPU: auto = true (C++ kernels, or the PyTorch reference without the C++ build), except
-    fused_swiglu, where auto is megatron's SwiGLU (faster on a CPU at the sizes it trains). GPU with
+    CPU: auto = true (C++ kernels, or the PyTorch reference without the C++ build). GPU with
     the CUDA extension: auto = true. GPU without it: auto uses megatron's op and says so; true
     is a FusedConfigError naming the build command. `setting` takes auto/true/false in any
     case or a bool (Hydra turns a typed `true` into "True"); `cuda_built` overrides whether the
@@ -146,13 +145,6 @@ def resolve_fused(key: str, setting, device_type: str, *,
     if value == "false":
         return FusedChoice(False, f"{_MEGATRON_OP[key]} (model.{key}=false)")
     if device_type != "cuda":
-        if key == "fused_swiglu" and value == "auto":
-            # measured, 1 thread, fwd + bwd of [41, 128, 2*128]: C++ 4.6 ms, megatron's eager
-            # silu(a)*b 2.9 ms (torch's vectorised silu; ours is a scalar loop); ours wins only
-            # on tensors of tens of millions of elements (1.2x at 2048x4x2*2048), where its
-            # saved memory matters more than on a host; true still picks it
-            return FusedChoice(False, f"{_MEGATRON_OP[key]} (model.{key}=auto on a CPU: "
-                                      "faster than our C++ kernel at the sizes a CPU trains)")
         impl = "C++ kernels" if _KERNELS["cpp"] is not None else "PyTorch reference (no C++ build)"
         return FusedChoice(True, f"{ours}, {impl}")
     built = _KERNELS["cuda"] is not None if cuda_built is None else cuda_built

@@ -13,7 +13,7 @@ TOL = 1e-5
 UNFUSED = ["model.fused_loss=false", "model.fused_swiglu=false"]
 LAYOUTS = {
     "unfused": UNFUSED,
-    "fused": ["model.fused_swiglu=true"],  # auto is megatron's SwiGLU on a CPU
+    "fused": [],
     "fused_loss_only": ["model.fused_swiglu=false"],
     "selective": ["train.recompute=selective"],
     "full_uniform": ["train.recompute=full", "train.recompute_method=uniform",

@@ -1,13 +1,12 @@
-"""The training forward's one-node ops against what they replace: our RoPE against megatron's
-unfused `_apply_rotary_pos_emb_bshd`, our RMSNorm against torch.nn.RMSNorm (values and grads
-in float64), the hook that puts them in the model, and the RL log-prob loss on the transposed
-logits view the model now hands it (same values and grads as on the contiguous copy)."""
+"""The training forward's one-node RoPE against megatron's unfused `_apply_rotary_pos_emb_bshd`
+(values and grads in float64, bit for bit in fp32), the hook that puts it in the model, and the
+RL log-prob loss on the transposed logits view the model now hands it (the same values and
+grads as on the contiguous copy)."""
 import pytest
 import torch
 from megatron.core.models.common.embeddings import rope_utils
 
 from megatron_ext.compat.rope import _fused_rope, install_fused_rope
-from megatron_ext.ops.rms_norm import RMSNorm, use_one_node_rms_norm
 from megatron_ext.ops.rope import apply_rope
 from megatron_ext.rl.losses import logprobs_and_entropy
 
@@ -58,39 +57,6 @@ def test_rope_hook_serves_megatrons_fusion_flag():
     assert install_fused_rope() is True  # no TE here: ours is megatron's fused RoPE
     assert rope_utils.fused_apply_rotary_pos_emb is _fused_rope
     assert install_fused_rope() is True  # idempotent
-
-
-@pytest.mark.parametrize("shape", [(3, 4, 8), (6, 10)], ids=str)
-def test_rms_norm_equals_torch_values_and_grads(shape):
-    torch.manual_seed(0)
-    ref = torch.nn.RMSNorm(shape[-1], eps=1e-5, dtype=F64)
-    with torch.no_grad():
-        ref.weight.copy_(torch.rand(shape[-1], dtype=F64) + 0.5)
-    ours = torch.nn.RMSNorm(shape[-1], eps=1e-5, dtype=F64)
-    ours.load_state_dict(ref.state_dict())
-    assert use_one_node_rms_norm([torch.nn.Sequential(ours)]) == 1 and type(ours) is RMSNorm
-    x = torch.randn(shape, dtype=F64)
-    grad = torch.randn(shape, dtype=F64)
-    outs = []
-    for norm in (ref, ours):
-        xi = x.clone().requires_grad_()
-        y = norm(xi)
-        outs.append((y, *torch.autograd.grad(y, (xi, norm.weight), grad)))
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-
-
-def test_rms_norm_fp32_path_and_fallbacks():
-    ref = torch.nn.RMSNorm(16, eps=1e-6)
-    ours = torch.nn.RMSNorm(16, eps=1e-6)
-    use_one_node_rms_norm([ours])
-    x = torch.randn(5, 16, requires_grad=True)
-    y = ours(x)
-    assert y.grad_fn is not None and "RMSNorm" in type(y.grad_fn).__name__
-    torch.testing.assert_close(y, ref(x), rtol=0, atol=0)  # torch's forward kernel
-    with torch.no_grad():  # torch's own forward, the same numbers
-        torch.testing.assert_close(ours(x), ref(x), rtol=1e-6, atol=1e-6)
-    assert list(ours.state_dict()) == ["weight"]
 
 
 @pytest.mark.parametrize("entropy_grad", [False, True])
