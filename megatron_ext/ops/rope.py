@@ -9,30 +9,32 @@ backward, grad = g*cos + [g2*sin2, -g1*sin1]. Nothing but cos and sin is saved.
 import torch
 
 
-def _rotate_into(out: torch.Tensor, x: torch.Tensor, sin: torch.Tensor, sign: float) -> None:
-    """out += sign * rotate_half(x) * sin, in place, half by half (no rotated copy). Product
-    then sum, each rounded, as megatron's `t*cos + rotate_half(t)*sin` (a fused multiply-add
-    would round once and move the logits off the decoder's by an ulp)."""
+def _rotate_into(out: torch.Tensor, x: torch.Tensor, sin_lo: torch.Tensor,
+                 sin_hi: torch.Tensor, sign: float) -> None:
+    """out += sign * [-x2 * sin_lo, x1 * sin_hi], in place, half by half (no rotated copy).
+    Product then sum, each rounded, as megatron's `t*cos + rotate_half(t)*sin` (a fused
+    multiply-add would round once and move the logits off the decoder's by an ulp)."""
     h = x.size(-1) // 2
-    lo, hi = (out[..., :h].sub_, out[..., h:].add_) if sign > 0 else (out[..., :h].add_,
-                                                                       out[..., h:].sub_)
-    lo(x[..., h:] * sin[..., :h])
-    hi(x[..., :h] * sin[..., h:])
+    lo, hi = out[..., :h], out[..., h:]
+    (lo.sub_ if sign > 0 else lo.add_)(x[..., h:] * sin_lo)
+    (hi.add_ if sign > 0 else hi.sub_)(x[..., :h] * sin_hi)
 
 
 class _Rope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, cos, sin):
         ctx.save_for_backward(cos, sin)
+        h = t.size(-1) // 2
         out = t * cos
-        _rotate_into(out, t, sin, 1.0)
+        _rotate_into(out, t, sin[..., :h], sin[..., h:], 1.0)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
-        grad_t = grad * cos
-        _rotate_into(grad_t, grad, sin, -1.0)
+        h = grad.size(-1) // 2
+        grad_t = grad * cos  # + [g2 * sin2, -g1 * sin1]: the transpose of the rotation
+        _rotate_into(grad_t, grad, sin[..., h:], sin[..., :h], -1.0)
         return grad_t, None, None
 
 

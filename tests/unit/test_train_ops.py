@@ -20,9 +20,12 @@ def _freqs(s, b, d, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("freq_batch", [1, 3], ids=["shared", "per_row"])
-def test_rope_equals_megatrons_values_and_grads(freq_batch):
+@pytest.mark.parametrize("halves", ["equal", "different"])
+def test_rope_equals_megatrons_values_and_grads(freq_batch, halves):
     t = torch.randn(5, 3, 4, 16, dtype=F64, requires_grad=True)
     freqs = _freqs(5, freq_batch, 16, F64)
+    if halves == "different":  # any table, not only megatron's halves twice
+        freqs = torch.rand_like(freqs) * 10
     grad = torch.randn(5, 3, 4, 16, dtype=F64)
     ours = apply_rope(t, freqs)
     (g_ours,) = torch.autograd.grad(ours, t, grad)
@@ -80,3 +83,55 @@ def test_logprob_loss_on_the_transposed_logits_view(entropy_grad):
     torch.testing.assert_close(ent, ent_ref, rtol=0, atol=1e-12)
     torch.testing.assert_close(grad, grad_ref, rtol=0, atol=1e-12)
     assert grad.is_contiguous() and grad[..., 20:].abs().max() == 0
+
+
+@pytest.fixture(scope="module")
+def world():
+    from megatron_ext import compat
+
+    compat.setup()
+    from parallel import topology
+
+    yield topology
+    topology.destroy()
+
+
+def test_model_forward_and_grads_are_megatrons_bit_for_bit(world):
+    """The tiny model with our RoPE and the logits view against the same weights on megatron's
+    unfused RoPE and `.contiguous()` logits: the same loss, logits and gradients, bit for bit,
+    for the SFT loss (labels) and an RL log-prob objective (logits)."""
+    from megatron.core.models.gpt import GPTModel
+
+    from megatron_ext.config.load import compose_config
+    from megatron_ext.config.validate import validate
+    from megatron_ext.models.gpt import build_gpt_chunks
+
+    cfg = compose_config(["logging=none", "model=tiny", "model.init_method_std=0.2"])
+    topo = world.initialize(validate(cfg, 1), seed=cfg.seed)
+    ours, ref = (build_gpt_chunks(cfg, topo, 259)[0] for _ in range(2))
+    assert ours.config.apply_rope_fusion  # ours serves megatron's fused-RoPE hook here
+    ref.config.apply_rope_fusion = False  # megatron's unfused chain
+    own = ref._postprocess  # with labels: the fused loss; without: megatron's contiguous logits
+    ref._postprocess = lambda *a, labels=None, **k: (
+        own(*a, labels=labels, **k) if labels is not None
+        else GPTModel._postprocess(ref, *a, labels=labels, **k))
+    ref.load_state_dict(ours.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    tokens, labels = (torch.randint(0, 259, (6, 24), generator=gen) for _ in range(2))
+    positions = torch.arange(24).expand(6, -1)
+    got, layouts = [], []
+    for model in (ours, ref):
+        model.train()
+        model.zero_grad()
+        loss = model(tokens, positions, None, labels=labels)
+        loss.sum().backward()
+        sft = [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        logits = model(tokens, positions, None)
+        layouts.append(logits.is_contiguous())
+        logp, _ = logprobs_and_entropy(logits, labels, vocab_size=259, entropy_grad=False)
+        logp.sum().backward()
+        got.append(sft + [logits.detach().contiguous()] + [p.grad for p in model.parameters()])
+    assert layouts == [False, True] and len(got[0]) == len(got[1])
+    for a, b in zip(*got):
+        assert torch.equal(a, b)
