@@ -17,6 +17,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext.compat import has_transformer_engine
+from megatron_ext.compat.rope import install_fused_rope
 from megatron_ext.config.schema import Config
 from megatron_ext.models.fused_loss import FusedLossGPTModel, VocabGPTModel
 from megatron_ext.models.fused_swiglu import apply_fused_swiglu
@@ -85,7 +86,8 @@ def transformer_config(cfg: Config, topo: Topology) -> TransformerConfig:
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=False,
+        # our one-node RoPE where TE's fused one is absent (compat/rope.py); TE's stays off
+        apply_rope_fusion=install_fused_rope(),
         gradient_accumulation_fusion=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,

@@ -11,7 +11,6 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 _MAX_LOG_RATIO = 20.0  # exp(20) ~ 5e8: far outside any clip range, far from fp32 overflow
@@ -232,15 +231,27 @@ class _LogProbEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_ent):
         probs, index, here = ctx.saved_tensors[:3]
-        grad_x = probs * -grad_logp.unsqueeze(-1)
+        # the whole shard's gradient in the logits' memory order (the model hands a transposed
+        # view), written in place: the padding columns zeroed, no padded copy
+        grad_full = _empty_in_order_of(probs, probs.shape[:-1] + (ctx.v_local,))
+        grad_full[..., probs.size(-1):].zero_()
+        grad_x = grad_full[..., :probs.size(-1)]
+        torch.mul(probs, -grad_logp.unsqueeze(-1), out=grad_x)
         if probs.size(-1):
             grad_x.scatter_add_(-1, index, torch.where(here, grad_logp, 0.0).unsqueeze(-1))
         if ctx.entropy_grad and grad_ent is not None:
             shifted, log_z, ent = ctx.saved_tensors[3:]
             log_p = shifted - log_z.unsqueeze(-1)
             grad_x -= probs * (log_p + ent.unsqueeze(-1)) * grad_ent.unsqueeze(-1)
-        grad_x = F.pad(grad_x, (0, ctx.v_local - grad_x.size(-1)))
-        return grad_x, None, None, None, None, None, None
+        return grad_full, None, None, None, None, None, None
+
+
+def _empty_in_order_of(ref: torch.Tensor, shape) -> torch.Tensor:
+    """An uninitialised dense tensor of `shape` whose dims lie in memory in `ref`'s order
+    (outermost = largest stride)."""
+    order = sorted(range(ref.dim()), key=lambda d: -ref.stride(d))
+    out = ref.new_empty([shape[d] for d in order])
+    return out.permute([order.index(d) for d in range(ref.dim())])
 
 
 def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
