@@ -242,8 +242,9 @@ def main() -> None:
         names = [f"G={g}" for g in pp_rows[0][2]]
         vpp = f" x VPP={args.pp_vpp}" if args.pp_vpp > 1 else ""
         print(f"\nPP=2{vpp} (2 processes x 1 thread) vs PP=1 (1 process x 1 thread), "
-              f"{args.pp_length} new tokens; G: slot groups in flight (G=S={2 * args.pp_vpp} "
-              f"keeps every stage busy, G=1 runs one stage at a time on the whole batch)\n")
+              f"{args.pp_length} new tokens; G: slot groups in flight (G >= 2 keeps every "
+              f"rank busy, G=2 the engine's default; G=1 runs one rank at a time on the whole "
+              f"batch)\n")
         print("| batch | PP=1 tok/s | " + " | ".join(f"PP=2 {n} tok/s" for n in names) + " | "
               + " | ".join(f"{n} / PP1" for n in names) + " |")
         print("|---" * (2 + 2 * len(names)) + "|")
