@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.common.embeddings.rope_utils import _rotate_half
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
 
 
@@ -168,6 +169,9 @@ class _Layer:
         self.index, self.add, self.dropout = index, add, layer.hidden_dropout
         self.norm1, self.norm2 = layer.input_layernorm, layer.pre_mlp_layernorm
         self.attention = attention
+        # Q/K norms, None for none (megatron's IdentityOp)
+        self.q_norm, self.k_norm = (None if isinstance(m, IdentityOp) else m
+                                    for m in (attention.q_layernorm, attention.k_layernorm))
         self.qkv = _lean_linear(attention.linear_qkv)
         self.proj = _lean_linear(attention.linear_proj)
         self.mlp = _lean_mlp(layer.mlp)
@@ -177,6 +181,8 @@ class _Layer:
         # megatron's own split where KV heads are fewer than TP ranks (it all-gathers them)
         self.own_split = (self.qkv is not attention.linear_qkv
                           and layer.config.num_query_groups >= attention.world_size)
+        # no Q/K norm: attention takes the QKV output whole (RoPE on Q and K in one pass)
+        self.joint = self.own_split and self.q_norm is None and self.k_norm is None
 
     def qkv_heads(self, x):
         """[t, n, h] -> q [t, n, heads, d], k and v [t, n, groups, d], as megatron splits its
@@ -190,15 +196,21 @@ class _Layer:
         mixed = mixed.view(t, n, self.groups, (per_group + 2) * d)
         query, key, value = torch.split(mixed, [per_group * d, d, d], dim=3)
         query = query.reshape(t, n, self.heads, d)
-        if attention.q_layernorm is not None:
-            query = attention.q_layernorm(query)
-        if attention.k_layernorm is not None:
-            key = attention.k_layernorm(key)
+        if self.q_norm is not None:
+            query = self.q_norm(query)
+        if self.k_norm is not None:
+            key = self.k_norm(key)
         return query, key, value
 
     def __call__(self, hidden, attend):
-        query, key, value = self.qkv_heads(self.norm1(hidden))
-        out = self.proj(attend(self.index, query, key, value))
+        x = self.norm1(hidden)
+        if self.joint:
+            mixed, _ = self.qkv(x)
+            t, n = x.shape[:2]
+            heads = mixed.view(t, n, self.groups, self.heads // self.groups + 2, self.head_dim)
+            out = self.proj(attend.joint(self.index, heads))
+        else:
+            out = self.proj(attend(self.index, *self.qkv_heads(x)))
         hidden = self.add(out, hidden, self.dropout)
         out = self.mlp(self.norm2(hidden))
         return self.add(out, hidden, self.dropout)
@@ -289,7 +301,8 @@ class ChunkDecoder:
         norm = model.decoder.final_layernorm
         if not model.post_process:
             return hidden if norm is None else norm(hidden)
-        hidden = hidden[last, torch.arange(n, device=hidden.device)][None]  # [1, n, h]
+        if t > 1:  # (a call of one token per row has it already)
+            hidden = hidden[last, torch.arange(n, device=hidden.device)][None]  # [1, n, h]
         if norm is not None:
             hidden = norm(hidden)
         weight = (model.shared_embedding_or_output_weight()
@@ -302,7 +315,7 @@ class ChunkDecoder:
 
 class _Attend:
     """The attention of every layer in one call, and what they share: the RoPE cos/sin of
-    each token, its cache address, the causal key mask."""
+    each token, its cache address, the additive causal key mask, the K/V cache views."""
 
     def __init__(self, decoder: ChunkDecoder, slots, positions, lengths, kv_len: int, dtype,
                  view: Optional[slice]):
@@ -313,36 +326,72 @@ class _Attend:
         if decoder.rope is not None:
             freqs = decoder.rope[where.t()]  # [t, n, 1, d], as megatron's apply_rotary_pos_emb
             self.cos, self.sin = torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
+            # for [t, n, groups, heads per group, d]
+            self.cos5, self.sin5 = self.cos[:, :, None], self.sin[:, :, None]
         self.rotary, self.interleaved = decoder.rope is not None, decoder.interleaved
-        valid = torch.arange(t, device=device)[None] < lengths[:, None]
         width = cache.max_len + 1
         # flat rows of a [num_slots * (max_len + 1)] view; padding goes to the scratch column
-        self.rows = (slots[:, None] * width + torch.where(valid, positions, cache.max_len)).view(-1)
+        if t > 1:
+            valid = torch.arange(t, device=device)[None] < lengths[:, None]
+            positions = torch.where(valid, positions, cache.max_len)
+        self.rows = (slots[:, None] * width + positions).view(-1)
         self.slots, self.view = slots, view
         keys = torch.arange(kv_len, device=device)
-        self.mask = (keys <= where[:, :, None])[:, None]  # [n, 1, t, kv_len]
-        self.kv_len, self.cache, self.scale = kv_len, cache, decoder.scale
+        # [n, 1, t, kv_len]: SDPA's own conversion of a boolean mask, once for all layers
+        self.mask = torch.zeros((n, 1, t, kv_len), dtype=dtype, device=device).masked_fill_(
+            (keys > where[:, :, None])[:, None], float("-inf"))
+        # [layers, slots, 2 (K, V), groups, kv_len, d]: each layer's K and V as SDPA reads them
+        self.kv = cache.kv[:, :, :kv_len].permute(0, 1, 3, 4, 2, 5)
+        if view is not None:
+            self.kv = self.kv[:, view]
+        self.cache, self.scale = cache, decoder.scale
 
-    def _rope(self, x):
-        """megatron's _apply_rotary_pos_emb_bshd with this call's cos/sin (mscale 1)."""
-        rot = self.cos.shape[-1]
+    def _rope(self, x, out=None):
+        """megatron's _apply_rotary_pos_emb_bshd with this call's cos/sin (mscale 1), into
+        `out` when given."""
+        cos, sin = (self.cos5, self.sin5) if x.dim() == 5 else (self.cos, self.sin)
+        rot = cos.shape[-1]
         if rot < x.shape[-1]:  # rotary_percent < 1: the rest passes through
-            return torch.cat((self._rope(x[..., :rot]), x[..., rot:]), dim=-1)
-        return x * self.cos + _rotate_half(x, self.interleaved) * self.sin
+            rotated = torch.cat((self._rope(x[..., :rot]), x[..., rot:]), dim=-1)
+            return rotated if out is None else out.copy_(rotated)
+        return torch.add(x * cos, _rotate_half(x, self.interleaved) * sin, out=out)
 
     def __call__(self, index: int, query, key, value):
         """query [t, n, heads, d], key and value [t, n, groups, d] -> [t, n, heads * d]."""
         if self.rotary:
             query, key = self._rope(query), self._rope(key)
         t, n, heads, d = query.shape
+        self._write(index, torch.stack((key, value), dim=2).transpose(0, 1))
+        return self._sdpa(index, query.permute(1, 2, 0, 3))
+
+    def joint(self, index: int, mixed):
+        """The QKV output as megatron lays it out, `[t, n, groups, heads per group + 2 (K, V),
+        d]` (a fresh tensor: RoPE overwrites its Q and K in place) -> [t, n, heads * d]."""
+        t, n, groups, per_group, d = mixed.shape
+        per_group -= 2
+        if self.rotary:
+            qk = mixed[:, :, :, :per_group + 1]
+            self._rope(qk, out=qk)
+        self._write(index, mixed[:, :, :, per_group:].permute(1, 0, 3, 2, 4))
+        query = mixed[:, :, :, :per_group].permute(1, 2, 3, 0, 4).reshape(
+            n, groups * per_group, t, d)
+        return self._sdpa(index, query)
+
+    def _write(self, index: int, new):
+        """new `[n, t, 2, groups, d]` K/V into this layer's cache rows."""
+        n, t = new.shape[:2]
         cache = self.cache.kv[index]  # [slots, max_len + 1, 2, groups, d]
-        new = torch.stack((key, value), dim=2).transpose(0, 1).to(cache.dtype)  # [n, t, 2, g, d]
-        cache.view(-1, *cache.shape[2:]).index_copy_(0, self.rows,
-                                                     new.reshape(n * t, *new.shape[2:]))
-        both = (cache[self.view, :self.kv_len] if self.view is not None else
-                cache[:, :self.kv_len].index_select(0, self.slots))  # [n, kv_len, 2, groups, d]
-        keys, values = both[:, :, 0].transpose(1, 2), both[:, :, 1].transpose(1, 2)
+        cache.view(-1, *cache.shape[2:]).index_copy_(
+            0, self.rows, new.reshape(n * t, *new.shape[2:]).to(cache.dtype))
+
+    def _sdpa(self, index: int, query):
+        """query `[n, heads, t, d]` over the layer's cached keys -> [t, n, heads * d]."""
+        n, heads, t, d = query.shape
+        both = self.kv[index]  # [n (or slots), 2, groups, kv_len, d]
+        if self.view is None:
+            both = both.index_select(0, self.slots)
+        keys, values = both[:, 0], both[:, 1]
         out = F.scaled_dot_product_attention(
-            query.permute(1, 2, 0, 3), keys, values, attn_mask=self.mask, scale=self.scale,
+            query, keys, values, attn_mask=self.mask, scale=self.scale,
             enable_gqa=keys.shape[1] != heads)
         return out.permute(2, 0, 1, 3).reshape(t, n, heads * d)
