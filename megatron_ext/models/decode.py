@@ -25,11 +25,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.common.embeddings.rope_utils import _rotate_half
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
+
+from megatron_ext.models.fused_swiglu import SwiGLUActivation
+from megatron_ext.ops._backend import kernels_for
 
 
 def _unwrap(chunk):
@@ -97,6 +99,35 @@ def _lean_linear(linear):
     return linear
 
 
+def _lean_norm(norm):
+    """torch's RMSNorm / LayerNorm module as its op (the same op, without the module call)."""
+    if norm is None or not _plain(norm):
+        return norm
+    if type(norm) is torch.nn.RMSNorm:
+        return lambda x: torch.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+    if type(norm) is torch.nn.LayerNorm:
+        return lambda x: torch.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias,
+                                          norm.eps)
+    return norm
+
+
+def _residual_add(out_with_bias, residual):
+    """megatron's bias-dropout-add in eval, in place as it runs there: (out + bias) + residual."""
+    out, bias = out_with_bias
+    if bias is not None:
+        out.add_(bias)
+    return out.add_(residual if residual.dtype == out.dtype else residual.to(out.dtype))
+
+
+def _lean_output(layer) -> bool:
+    """Whether the output layer computes F.linear(x, weight) and nothing else: a plain
+    ColumnParallelLinear without bias on one TP rank (its gather a no-op)."""
+    group = layer.tp_group
+    return (type(layer) is ColumnParallelLinear and _plain(layer) and layer.bias is None
+            and not layer.sequence_parallel and not layer.config.defer_embedding_wgrad_compute
+            and (group is None or group.size() == 1))
+
+
 def _lean_mlp(mlp):
     """x -> (output, bias): megatron's MLP.forward for the dense (gated) MLP of our layer
     specs, whose activation is our fused SwiGLU module or megatron's glu with silu."""
@@ -106,7 +137,11 @@ def _lean_mlp(mlp):
         fc2 is not mlp.linear_fc2)
     if not plain or c.bias_activation_fusion:
         return mlp
-    if c.use_te_activation_func:
+    if c.use_te_activation_func and type(mlp.activation_func) is SwiGLUActivation and (
+            _plain(mlp.activation_func)):
+        def activation(x):  # our swiglu's kernel, without its autograd function
+            return kernels_for(x).impl.swiglu_forward(x.contiguous())
+    elif c.use_te_activation_func:
         activation = mlp.activation_func
     elif (c.gated_linear_unit and c.activation_func_clamp_value is None
           and c.glu_linear_offset == 0.0):
@@ -164,13 +199,13 @@ class SlotCache:
 class _Layer:
     """One TransformerLayer in eval mode, its pieces resolved once."""
 
-    def __init__(self, layer, index: int, add):
+    def __init__(self, layer, index: int):
         attention = layer.self_attention
-        self.index, self.add, self.dropout = index, add, layer.hidden_dropout
-        self.norm1, self.norm2 = layer.input_layernorm, layer.pre_mlp_layernorm
+        self.index = index
+        self.norm1, self.norm2 = map(_lean_norm, (layer.input_layernorm, layer.pre_mlp_layernorm))
         self.attention = attention
         # Q/K norms, None for none (megatron's IdentityOp)
-        self.q_norm, self.k_norm = (None if isinstance(m, IdentityOp) else m
+        self.q_norm, self.k_norm = (None if isinstance(m, IdentityOp) else _lean_norm(m)
                                     for m in (attention.q_layernorm, attention.k_layernorm))
         self.qkv = _lean_linear(attention.linear_qkv)
         self.proj = _lean_linear(attention.linear_proj)
@@ -211,9 +246,8 @@ class _Layer:
             out = self.proj(attend.joint(self.index, heads))
         else:
             out = self.proj(attend(self.index, *self.qkv_heads(x)))
-        hidden = self.add(out, hidden, self.dropout)
-        out = self.mlp(self.norm2(hidden))
-        return self.add(out, hidden, self.dropout)
+        hidden = _residual_add(out, hidden)
+        return _residual_add(self.mlp(self.norm2(hidden)), hidden)
 
 
 class ChunkDecoder:
@@ -236,9 +270,10 @@ class ChunkDecoder:
         config = model.config
         self.scale = config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.interleaved = config.rotary_interleaved
-        add = get_bias_dropout_add(False, config.bias_dropout_fusion)
-        self.layers = [[_Layer(layer, cache.layer_index[id(layer)], add)
+        self.layers = [[_Layer(layer, cache.layer_index[id(layer)])
                         for layer in m.decoder.layers] for m in self.models]
+        self.final_norms = [_lean_norm(m.decoder.final_layernorm) for m in self.models]
+        self.lean_output = [m.post_process and _lean_output(m.output_layer) for m in self.models]
         rotary = getattr(model, "rotary_pos_emb", None)
         # [max_len + 1, 1, d]: the frequencies training uses at every position (a table of
         # megatron's rotary module, whose get_emb applies the llama3 / linear scaling)
@@ -298,7 +333,7 @@ class ChunkDecoder:
         attend = _Attend(self, slots, positions, lengths, kv_len, hidden.dtype, view)
         for layer in self.layers[v]:
             hidden = layer(hidden, attend)
-        norm = model.decoder.final_layernorm
+        norm = self.final_norms[v]
         if not model.post_process:
             return hidden if norm is None else norm(hidden)
         if t > 1:  # (a call of one token per row has it already)
@@ -307,7 +342,10 @@ class ChunkDecoder:
             hidden = norm(hidden)
         weight = (model.shared_embedding_or_output_weight()
                   if model.share_embeddings_and_output_weights else None)
-        logits, _ = model.output_layer(hidden, weight=weight, runtime_gather_output=True)
+        if self.lean_output[v]:
+            logits = F.linear(hidden, model.output_layer.weight if weight is None else weight)
+        else:
+            logits, _ = model.output_layer(hidden, weight=weight, runtime_gather_output=True)
         return logits[0].float()
 
     __call__ = forward
