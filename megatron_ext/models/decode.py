@@ -274,11 +274,17 @@ class ChunkDecoder:
                         for layer in m.decoder.layers] for m in self.models]
         self.final_norms = [_lean_norm(m.decoder.final_layernorm) for m in self.models]
         self.lean_output = [m.post_process and _lean_output(m.output_layer) for m in self.models]
-        rotary = getattr(model, "rotary_pos_emb", None)
-        # [max_len + 1, 1, d]: the frequencies training uses at every position (a table of
-        # megatron's rotary module, whose get_emb applies the llama3 / linear scaling)
-        self.rope = (rotary.get_emb(cache.max_len + 1)[:, 0]
-                     if model.position_embedding_type == "rope" else None)
+        self.rope = None
+        if model.position_embedding_type == "rope":
+            # [max_len + 1, 3, 1, d]: cos, sin and the sin that multiplies x with its halves
+            # swapped (rotate-half's sign folded in) of the frequencies training uses at every
+            # position (a table of megatron's rotary module, whose get_emb applies the llama3
+            # / linear scaling)
+            freqs = model.rotary_pos_emb.get_emb(cache.max_len + 1)[:, 0]
+            sin = torch.sin(freqs)
+            half = sin.shape[-1] // 2
+            self.rope = torch.stack((torch.cos(freqs), sin, torch.cat(
+                (-sin[..., :half], sin[..., half:]), dim=-1)), dim=1)
 
     @torch.no_grad()
     def forward(self, v: int, inputs, slots: torch.Tensor, positions: torch.Tensor,
@@ -361,12 +367,13 @@ class _Attend:
         device = positions.device
         n, t = positions.shape
         where = positions.clamp(0, cache.max_len)
-        if decoder.rope is not None:
-            freqs = decoder.rope[where.t()]  # [t, n, 1, d], as megatron's apply_rotary_pos_emb
-            self.cos, self.sin = torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
-            # for [t, n, groups, heads per group, d]
-            self.cos5, self.sin5 = self.cos[:, :, None], self.sin[:, :, None]
         self.rotary, self.interleaved = decoder.rope is not None, decoder.interleaved
+        if self.rotary:
+            # [t, n, 1, d] each, as megatron's apply_rotary_pos_emb; [t * n, 1, 1, d] for
+            # a QKV output [t * n, groups, heads per group, d]
+            self.cos, sin, signed = decoder.rope[where.t()].to(dtype).unbind(2)
+            self.sin = sin if self.interleaved else signed
+            self.flat = [x.reshape(t * n, 1, *x.shape[2:]) for x in (self.cos, self.sin)]
         width = cache.max_len + 1
         # flat rows of a [num_slots * (max_len + 1)] view; padding goes to the scratch column
         if t > 1:
@@ -384,15 +391,18 @@ class _Attend:
             self.kv = self.kv[:, view]
         self.cache, self.scale = cache, decoder.scale
 
-    def _rope(self, x, out=None):
+    def _rope(self, x, out=None, flat: bool = False):
         """megatron's _apply_rotary_pos_emb_bshd with this call's cos/sin (mscale 1), into
-        `out` when given."""
-        cos, sin = (self.cos5, self.sin5) if x.dim() == 5 else (self.cos, self.sin)
+        `out` when given; x `[t, n, heads, d]`, or `[t * n, ...]` when flat. Not interleaved,
+        rotate-half(x) * sin is x with its halves swapped times the signed sin."""
+        cos, sin = self.flat if flat else (self.cos, self.sin)
         rot = cos.shape[-1]
         if rot < x.shape[-1]:  # rotary_percent < 1: the rest passes through
-            rotated = torch.cat((self._rope(x[..., :rot]), x[..., rot:]), dim=-1)
+            rotated = torch.cat((self._rope(x[..., :rot], flat=flat), x[..., rot:]), dim=-1)
             return rotated if out is None else out.copy_(rotated)
-        return torch.add(x * cos, _rotate_half(x, self.interleaved) * sin, out=out)
+        turned = (_rotate_half(x, True) if self.interleaved else
+                  torch.roll(x, rot // 2, dims=-1))
+        return torch.add(x * cos, turned * sin, out=out)
 
     def __call__(self, index: int, query, key, value):
         """query [t, n, heads, d], key and value [t, n, groups, d] -> [t, n, heads * d]."""
@@ -408,8 +418,8 @@ class _Attend:
         t, n, groups, per_group, d = mixed.shape
         per_group -= 2
         if self.rotary:
-            qk = mixed[:, :, :, :per_group + 1]
-            self._rope(qk, out=qk)
+            qk = mixed.view(t * n, groups, per_group + 2, d)[:, :, :per_group + 1]
+            self._rope(qk, out=qk, flat=True)
         self._write(index, mixed[:, :, :, per_group:].permute(1, 0, 3, 2, 4))
         query = mixed[:, :, :, :per_group].permute(1, 2, 3, 0, 4).reshape(
             n, groups * per_group, t, d)
