@@ -25,8 +25,11 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings.language_model_embedding import (
+    LanguageModelEmbedding)
 from megatron.core.models.common.embeddings.rope_utils import _rotate_half
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                                  VocabParallelEmbedding)
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
 
@@ -117,6 +120,33 @@ def _residual_add(out_with_bias, residual):
     if bias is not None:
         out.add_(bias)
     return out.add_(residual if residual.dtype == out.dtype else residual.to(out.dtype))
+
+
+def _lean_embedding(embedding):
+    """(ids [n, t], positions [n, t]) -> [t, n, h] as megatron's LanguageModelEmbedding
+    computes it on one TP rank: the word (+ learned position) lookups, transposed; its dropout
+    as the module's flag says. None where that is not all it does."""
+    words = embedding.word_embeddings
+    table = embedding.position_embeddings if embedding.add_position_embedding else None
+    c = embedding.config
+    if not (type(embedding) is LanguageModelEmbedding and type(words) is VocabParallelEmbedding
+            and all(map(_plain, (embedding, words, embedding.embedding_dropout)))
+            and words.tp_group.size() == 1 and not words.reduce_scatter_embeddings
+            and not embedding.reduce_scatter_embeddings
+            and embedding.tokentype_embeddings is None and not c.fp32_residual_connection
+            and not c.sequence_parallel
+            and (table is None or (type(table) is torch.nn.Embedding and _plain(table)
+                                   and table.max_norm is None))):
+        return None
+
+    def run(ids, positions):
+        x = F.embedding(ids, words.weight)
+        if table is not None:
+            x = x + F.embedding(positions, table.weight)
+        x = x.transpose(0, 1).contiguous()
+        dropout = embedding.embedding_dropout
+        return dropout(x) if dropout.training and dropout.p > 0 else x
+    return run
 
 
 def _lean_output(layer) -> bool:
@@ -274,6 +304,8 @@ class ChunkDecoder:
                         for layer in m.decoder.layers] for m in self.models]
         self.final_norms = [_lean_norm(m.decoder.final_layernorm) for m in self.models]
         self.lean_output = [m.post_process and _lean_output(m.output_layer) for m in self.models]
+        self.embeddings = [_lean_embedding(m.embedding) if m.pre_process else None
+                           for m in self.models]
         self.rope = None
         if model.position_embedding_type == "rope":
             # [max_len + 1, 3, 1, d]: cos, sin and the sin that multiplies x with its halves
@@ -326,8 +358,11 @@ class ChunkDecoder:
                 raise ValueError(f"chunk {v} takes token ids [n, t] = [{n}, {t}], got "
                                  f"{tuple(inputs.shape)}")
             # learned positions: the padding's positions may lie past the table
-            hidden = model.embedding(input_ids=inputs,
-                                     position_ids=positions.clamp(0, self.cache.max_len - 1))
+            at = (positions.clamp(0, self.cache.max_len - 1)
+                  if model.position_embedding_type == "learned_absolute" else positions)
+            embed = self.embeddings[v]
+            hidden = (embed(inputs, at) if embed is not None else
+                      model.embedding(input_ids=inputs, position_ids=at))
         else:
             if inputs.shape[:2] != (t, n):
                 raise ValueError(f"chunk {v} takes the previous stage's hidden [t, n, h] = "
