@@ -6,13 +6,16 @@ the same offset, and every token walks GPTModel.forward, TransformerBlock and th
 their inference bookkeeping, which on a small model costs more than the arithmetic. Here a
 call runs any set of slots, each at its own position (prefill of right-padded prompts, decode
 of one token, or a mix), with the very parameters being trained (no copy, no weight sync),
-through megatron's own modules: the embedding, the norms (QK-norm included), the output layer
-with its TP gather, the bias-dropout-adds, and the MLP activation (our fused SwiGLU when
-configured). Megatron's local Column/RowParallelLinear (the QKV, output projection and MLP
-linears) run as the F.linear (+ TP all-reduce for the row-parallel ones) they are in eval, and
-megatron's MLP as its fc1 -> activation -> fc2: their module, autograd-function and
-process-group bookkeeping cost more than the matmuls of a decode step. Any other linear or MLP
-class (TE's), or a module with hooks, is called as the module.
+through what megatron's modules compute in eval, with the same ops: megatron's local
+Column/RowParallelLinear (the QKV, output projection and MLP linears) as the F.linear (+ TP
+all-reduce for the row-parallel ones) they are, megatron's MLP as its fc1 -> activation (our
+fused SwiGLU's kernel when configured) -> fc2, torch's RMSNorm/LayerNorm modules (QK-norm
+included) as their op, the bias-dropout-adds as the in-place adds they run, and on one TP rank
+the embedding as its lookups and the output layer as its F.linear; with TP, the embedding and
+the output layer (its TP gather) are called as modules. Their module, autograd-function and
+process-group bookkeeping cost more than the arithmetic of a decode step (a layer on 16 rows
+of a small model is ~50 aten ops; each Python-level call costs microseconds). Any other class
+(TE's), or a module with hooks, is called as the module.
 Attention is done here: RoPE at the given positions with megatron's rotary table (llama3 /
 linear scaling included) and its rotate-half convention, the new K/V written into the slots'
 cache rows, and torch SDPA over the slot's cached prefix and the new tokens.
@@ -345,7 +348,7 @@ class ChunkDecoder:
         if slots.shape != (n,) or lengths.shape != (n,):
             raise ValueError(f"slots {tuple(slots.shape)} and lengths {tuple(lengths.shape)} "
                              f"must both be [n] = [{n}] for positions {tuple(positions.shape)}")
-        last = lengths - 1
+        last = lengths - 1 if t > 1 or kv_len is None else None
         if kv_len is None:
             kv_len = int(positions.gather(1, last[:, None]).max()) + 1
             if kv_len > self.cache.max_len:
