@@ -446,7 +446,6 @@ class _Attend:
         """query [t, n, heads, d], key and value [t, n, groups, d] -> [t, n, heads * d]."""
         if self.rotary:
             query, key = self._rope(query), self._rope(key)
-        t, n, heads, d = query.shape
         self._write(index, torch.stack((key, value), dim=2).transpose(0, 1))
         return self._sdpa(index, query.permute(1, 2, 0, 3))
 
