@@ -6,13 +6,16 @@ the same offset, and every token walks GPTModel.forward, TransformerBlock and th
 their inference bookkeeping, which on a small model costs more than the arithmetic. Here a
 call runs any set of slots, each at its own position (prefill of right-padded prompts, decode
 of one token, or a mix), with the very parameters being trained (no copy, no weight sync),
-through megatron's own modules: the embedding, the norms (QK-norm included), the output layer
-with its TP gather, the bias-dropout-adds, and the MLP activation (our fused SwiGLU when
-configured). Megatron's local Column/RowParallelLinear (the QKV, output projection and MLP
-linears) run as the F.linear (+ TP all-reduce for the row-parallel ones) they are in eval, and
-megatron's MLP as its fc1 -> activation -> fc2: their module, autograd-function and
-process-group bookkeeping cost more than the matmuls of a decode step. Any other linear or MLP
-class (TE's), or a module with hooks, is called as the module.
+through what megatron's modules compute in eval, with the same ops: megatron's local
+Column/RowParallelLinear (the QKV, output projection and MLP linears) as the F.linear (+ TP
+all-reduce for the row-parallel ones) they are, megatron's MLP as its fc1 -> activation (our
+fused SwiGLU's kernel when configured) -> fc2, torch's RMSNorm/LayerNorm modules (QK-norm
+included) as their op, the bias-dropout-adds as the in-place adds they run, and on one TP rank
+the embedding as its lookups and the output layer as its F.linear; with TP, the embedding and
+the output layer (its TP gather) are called as modules. Their module, autograd-function and
+process-group bookkeeping cost more than the arithmetic of a decode step (a layer on 16 rows
+of a small model is ~50 aten ops; each Python-level call costs microseconds). Any other class
+(TE's), or a module with hooks, is called as the module.
 Attention is done here: RoPE at the given positions with megatron's rotary table (llama3 /
 linear scaling included) and its rotate-half convention, the new K/V written into the slots'
 cache rows, and torch SDPA over the slot's cached prefix and the new tokens.
@@ -25,10 +28,16 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.common.embeddings.language_model_embedding import (
+    LanguageModelEmbedding)
 from megatron.core.models.common.embeddings.rope_utils import _rotate_half
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                                  VocabParallelEmbedding)
+from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP
+
+from megatron_ext.models.fused_swiglu import SwiGLUActivation
+from megatron_ext.ops._backend import kernels_for
 
 
 def _unwrap(chunk):
@@ -96,6 +105,62 @@ def _lean_linear(linear):
     return linear
 
 
+def _lean_norm(norm):
+    """torch's RMSNorm / LayerNorm module as its op (the same op, without the module call)."""
+    if norm is None or not _plain(norm):
+        return norm
+    if type(norm) is torch.nn.RMSNorm:
+        return lambda x: torch.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+    if type(norm) is torch.nn.LayerNorm:
+        return lambda x: torch.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias,
+                                          norm.eps)
+    return norm
+
+
+def _residual_add(out_with_bias, residual):
+    """megatron's bias-dropout-add in eval, in place as it runs there: (out + bias) + residual."""
+    out, bias = out_with_bias
+    if bias is not None:
+        out.add_(bias)
+    return out.add_(residual if residual.dtype == out.dtype else residual.to(out.dtype))
+
+
+def _lean_embedding(embedding):
+    """(ids [n, t], positions [n, t]) -> [t, n, h] as megatron's LanguageModelEmbedding
+    computes it on one TP rank: the word (+ learned position) lookups, transposed; its dropout
+    as the module's flag says. None where that is not all it does."""
+    words = embedding.word_embeddings
+    table = embedding.position_embeddings if embedding.add_position_embedding else None
+    c = embedding.config
+    if not (type(embedding) is LanguageModelEmbedding and type(words) is VocabParallelEmbedding
+            and all(map(_plain, (embedding, words, embedding.embedding_dropout)))
+            and words.tp_group.size() == 1 and not words.reduce_scatter_embeddings
+            and not embedding.reduce_scatter_embeddings
+            and embedding.tokentype_embeddings is None and not c.fp32_residual_connection
+            and not c.sequence_parallel
+            and (table is None or (type(table) is torch.nn.Embedding and _plain(table)
+                                   and table.max_norm is None))):
+        return None
+
+    def run(ids, positions):
+        x = F.embedding(ids, words.weight)
+        if table is not None:
+            x = x + F.embedding(positions, table.weight)
+        x = x.transpose(0, 1).contiguous()
+        dropout = embedding.embedding_dropout
+        return dropout(x) if dropout.training and dropout.p > 0 else x
+    return run
+
+
+def _lean_output(layer) -> bool:
+    """Whether the output layer computes F.linear(x, weight) and nothing else: a plain
+    ColumnParallelLinear without bias on one TP rank (its gather a no-op)."""
+    group = layer.tp_group
+    return (type(layer) is ColumnParallelLinear and _plain(layer) and layer.bias is None
+            and not layer.sequence_parallel and not layer.config.defer_embedding_wgrad_compute
+            and (group is None or group.size() == 1))
+
+
 def _lean_mlp(mlp):
     """x -> (output, bias): megatron's MLP.forward for the dense (gated) MLP of our layer
     specs, whose activation is our fused SwiGLU module or megatron's glu with silu."""
@@ -105,7 +170,11 @@ def _lean_mlp(mlp):
         fc2 is not mlp.linear_fc2)
     if not plain or c.bias_activation_fusion:
         return mlp
-    if c.use_te_activation_func:
+    if c.use_te_activation_func and type(mlp.activation_func) is SwiGLUActivation and (
+            _plain(mlp.activation_func)):
+        def activation(x):  # our swiglu's kernel, without its autograd function
+            return kernels_for(x).impl.swiglu_forward(x.contiguous())
+    elif c.use_te_activation_func:
         activation = mlp.activation_func
     elif (c.gated_linear_unit and c.activation_func_clamp_value is None
           and c.glu_linear_offset == 0.0):
@@ -163,11 +232,14 @@ class SlotCache:
 class _Layer:
     """One TransformerLayer in eval mode, its pieces resolved once."""
 
-    def __init__(self, layer, index: int, add):
+    def __init__(self, layer, index: int):
         attention = layer.self_attention
-        self.index, self.add, self.dropout = index, add, layer.hidden_dropout
-        self.norm1, self.norm2 = layer.input_layernorm, layer.pre_mlp_layernorm
+        self.index = index
+        self.norm1, self.norm2 = map(_lean_norm, (layer.input_layernorm, layer.pre_mlp_layernorm))
         self.attention = attention
+        # Q/K norms, None for none (megatron's IdentityOp)
+        self.q_norm, self.k_norm = (None if isinstance(m, IdentityOp) else _lean_norm(m)
+                                    for m in (attention.q_layernorm, attention.k_layernorm))
         self.qkv = _lean_linear(attention.linear_qkv)
         self.proj = _lean_linear(attention.linear_proj)
         self.mlp = _lean_mlp(layer.mlp)
@@ -177,6 +249,8 @@ class _Layer:
         # megatron's own split where KV heads are fewer than TP ranks (it all-gathers them)
         self.own_split = (self.qkv is not attention.linear_qkv
                           and layer.config.num_query_groups >= attention.world_size)
+        # no Q/K norm: attention takes the QKV output whole (RoPE on Q and K in one pass)
+        self.joint = self.own_split and self.q_norm is None and self.k_norm is None
 
     def qkv_heads(self, x):
         """[t, n, h] -> q [t, n, heads, d], k and v [t, n, groups, d], as megatron splits its
@@ -190,18 +264,23 @@ class _Layer:
         mixed = mixed.view(t, n, self.groups, (per_group + 2) * d)
         query, key, value = torch.split(mixed, [per_group * d, d, d], dim=3)
         query = query.reshape(t, n, self.heads, d)
-        if attention.q_layernorm is not None:
-            query = attention.q_layernorm(query)
-        if attention.k_layernorm is not None:
-            key = attention.k_layernorm(key)
+        if self.q_norm is not None:
+            query = self.q_norm(query)
+        if self.k_norm is not None:
+            key = self.k_norm(key)
         return query, key, value
 
     def __call__(self, hidden, attend):
-        query, key, value = self.qkv_heads(self.norm1(hidden))
-        out = self.proj(attend(self.index, query, key, value))
-        hidden = self.add(out, hidden, self.dropout)
-        out = self.mlp(self.norm2(hidden))
-        return self.add(out, hidden, self.dropout)
+        x = self.norm1(hidden)
+        if self.joint:
+            mixed, _ = self.qkv(x)
+            t, n = x.shape[:2]
+            heads = mixed.view(t, n, self.groups, self.heads // self.groups + 2, self.head_dim)
+            out = self.proj(attend.joint(self.index, heads))
+        else:
+            out = self.proj(attend(self.index, *self.qkv_heads(x)))
+        hidden = _residual_add(out, hidden)
+        return _residual_add(self.mlp(self.norm2(hidden)), hidden)
 
 
 class ChunkDecoder:
@@ -224,14 +303,23 @@ class ChunkDecoder:
         config = model.config
         self.scale = config.softmax_scale or 1.0 / math.sqrt(config.kv_channels)
         self.interleaved = config.rotary_interleaved
-        add = get_bias_dropout_add(False, config.bias_dropout_fusion)
-        self.layers = [[_Layer(layer, cache.layer_index[id(layer)], add)
+        self.layers = [[_Layer(layer, cache.layer_index[id(layer)])
                         for layer in m.decoder.layers] for m in self.models]
-        rotary = getattr(model, "rotary_pos_emb", None)
-        # [max_len + 1, 1, d]: the frequencies training uses at every position (a table of
-        # megatron's rotary module, whose get_emb applies the llama3 / linear scaling)
-        self.rope = (rotary.get_emb(cache.max_len + 1)[:, 0]
-                     if model.position_embedding_type == "rope" else None)
+        self.final_norms = [_lean_norm(m.decoder.final_layernorm) for m in self.models]
+        self.lean_output = [m.post_process and _lean_output(m.output_layer) for m in self.models]
+        self.embeddings = [_lean_embedding(m.embedding) if m.pre_process else None
+                           for m in self.models]
+        self.rope = None
+        if model.position_embedding_type == "rope":
+            # [max_len + 1, 3, 1, d]: cos, sin and the sin that multiplies x with its halves
+            # swapped (rotate-half's sign folded in) of the frequencies training uses at every
+            # position (a table of megatron's rotary module, whose get_emb applies the llama3
+            # / linear scaling)
+            freqs = model.rotary_pos_emb.get_emb(cache.max_len + 1)[:, 0]
+            sin = torch.sin(freqs)
+            half = sin.shape[-1] // 2
+            self.rope = torch.stack((torch.cos(freqs), sin, torch.cat(
+                (-sin[..., :half], sin[..., half:]), dim=-1)), dim=1)
 
     @torch.no_grad()
     def forward(self, v: int, inputs, slots: torch.Tensor, positions: torch.Tensor,
@@ -260,7 +348,7 @@ class ChunkDecoder:
         if slots.shape != (n,) or lengths.shape != (n,):
             raise ValueError(f"slots {tuple(slots.shape)} and lengths {tuple(lengths.shape)} "
                              f"must both be [n] = [{n}] for positions {tuple(positions.shape)}")
-        last = lengths - 1
+        last = lengths - 1 if t > 1 or kv_len is None else None
         if kv_len is None:
             kv_len = int(positions.gather(1, last[:, None]).max()) + 1
             if kv_len > self.cache.max_len:
@@ -273,8 +361,11 @@ class ChunkDecoder:
                 raise ValueError(f"chunk {v} takes token ids [n, t] = [{n}, {t}], got "
                                  f"{tuple(inputs.shape)}")
             # learned positions: the padding's positions may lie past the table
-            hidden = model.embedding(input_ids=inputs,
-                                     position_ids=positions.clamp(0, self.cache.max_len - 1))
+            at = (positions.clamp(0, self.cache.max_len - 1)
+                  if model.position_embedding_type == "learned_absolute" else positions)
+            embed = self.embeddings[v]
+            hidden = (embed(inputs, at) if embed is not None else
+                      model.embedding(input_ids=inputs, position_ids=at))
         else:
             if inputs.shape[:2] != (t, n):
                 raise ValueError(f"chunk {v} takes the previous stage's hidden [t, n, h] = "
@@ -286,15 +377,19 @@ class ChunkDecoder:
         attend = _Attend(self, slots, positions, lengths, kv_len, hidden.dtype, view)
         for layer in self.layers[v]:
             hidden = layer(hidden, attend)
-        norm = model.decoder.final_layernorm
+        norm = self.final_norms[v]
         if not model.post_process:
             return hidden if norm is None else norm(hidden)
-        hidden = hidden[last, torch.arange(n, device=hidden.device)][None]  # [1, n, h]
+        if t > 1:  # (a call of one token per row has it already)
+            hidden = hidden[last, torch.arange(n, device=hidden.device)][None]  # [1, n, h]
         if norm is not None:
             hidden = norm(hidden)
         weight = (model.shared_embedding_or_output_weight()
                   if model.share_embeddings_and_output_weights else None)
-        logits, _ = model.output_layer(hidden, weight=weight, runtime_gather_output=True)
+        if self.lean_output[v]:
+            logits = F.linear(hidden, model.output_layer.weight if weight is None else weight)
+        else:
+            logits, _ = model.output_layer(hidden, weight=weight, runtime_gather_output=True)
         return logits[0].float()
 
     __call__ = forward
@@ -302,7 +397,7 @@ class ChunkDecoder:
 
 class _Attend:
     """The attention of every layer in one call, and what they share: the RoPE cos/sin of
-    each token, its cache address, the causal key mask."""
+    each token, its cache address, the additive causal key mask, the K/V cache views."""
 
     def __init__(self, decoder: ChunkDecoder, slots, positions, lengths, kv_len: int, dtype,
                  view: Optional[slice]):
@@ -310,39 +405,78 @@ class _Attend:
         device = positions.device
         n, t = positions.shape
         where = positions.clamp(0, cache.max_len)
-        if decoder.rope is not None:
-            freqs = decoder.rope[where.t()]  # [t, n, 1, d], as megatron's apply_rotary_pos_emb
-            self.cos, self.sin = torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
         self.rotary, self.interleaved = decoder.rope is not None, decoder.interleaved
-        valid = torch.arange(t, device=device)[None] < lengths[:, None]
+        if self.rotary:
+            # [t, n, 1, d] each, as megatron's apply_rotary_pos_emb; [t * n, 1, 1, d] for
+            # a QKV output [t * n, groups, heads per group, d]
+            self.cos, sin, signed = decoder.rope[where.t()].to(dtype).unbind(2)
+            self.sin = sin if self.interleaved else signed
+            self.flat = [x.reshape(t * n, 1, *x.shape[2:]) for x in (self.cos, self.sin)]
         width = cache.max_len + 1
         # flat rows of a [num_slots * (max_len + 1)] view; padding goes to the scratch column
-        self.rows = (slots[:, None] * width + torch.where(valid, positions, cache.max_len)).view(-1)
+        if t > 1:
+            valid = torch.arange(t, device=device)[None] < lengths[:, None]
+            positions = torch.where(valid, positions, cache.max_len)
+        self.rows = (slots[:, None] * width + positions).view(-1)
         self.slots, self.view = slots, view
         keys = torch.arange(kv_len, device=device)
-        self.mask = (keys <= where[:, :, None])[:, None]  # [n, 1, t, kv_len]
-        self.kv_len, self.cache, self.scale = kv_len, cache, decoder.scale
+        # [n, 1, t, kv_len]: SDPA's own conversion of a boolean mask, once for all layers
+        self.mask = torch.zeros((n, 1, t, kv_len), dtype=dtype, device=device).masked_fill_(
+            (keys > where[:, :, None])[:, None], float("-inf"))
+        # [layers, slots, 2 (K, V), groups, kv_len, d]: each layer's K and V as SDPA reads them
+        self.kv = cache.kv[:, :, :kv_len].permute(0, 1, 3, 4, 2, 5)
+        if view is not None:
+            self.kv = self.kv[:, view]
+        self.cache, self.scale = cache, decoder.scale
 
-    def _rope(self, x):
-        """megatron's _apply_rotary_pos_emb_bshd with this call's cos/sin (mscale 1)."""
-        rot = self.cos.shape[-1]
+    def _rope(self, x, out=None, flat: bool = False):
+        """megatron's _apply_rotary_pos_emb_bshd with this call's cos/sin (mscale 1), into
+        `out` when given; x `[t, n, heads, d]`, or `[t * n, ...]` when flat. Not interleaved,
+        rotate-half(x) * sin is x with its halves swapped times the signed sin."""
+        cos, sin = self.flat if flat else (self.cos, self.sin)
+        rot = cos.shape[-1]
         if rot < x.shape[-1]:  # rotary_percent < 1: the rest passes through
-            return torch.cat((self._rope(x[..., :rot]), x[..., rot:]), dim=-1)
-        return x * self.cos + _rotate_half(x, self.interleaved) * self.sin
+            rotated = torch.cat((self._rope(x[..., :rot], flat=flat), x[..., rot:]), dim=-1)
+            return rotated if out is None else out.copy_(rotated)
+        turned = (_rotate_half(x, True) if self.interleaved else
+                  torch.roll(x, rot // 2, dims=-1))
+        return torch.add(x * cos, turned * sin, out=out)
 
     def __call__(self, index: int, query, key, value):
         """query [t, n, heads, d], key and value [t, n, groups, d] -> [t, n, heads * d]."""
         if self.rotary:
             query, key = self._rope(query), self._rope(key)
-        t, n, heads, d = query.shape
+        self._write(index, torch.stack((key, value), dim=2).transpose(0, 1))
+        return self._sdpa(index, query.permute(1, 2, 0, 3))
+
+    def joint(self, index: int, mixed):
+        """The QKV output as megatron lays it out, `[t, n, groups, heads per group + 2 (K, V),
+        d]` (a fresh tensor: RoPE overwrites its Q and K in place) -> [t, n, heads * d]."""
+        t, n, groups, per_group, d = mixed.shape
+        per_group -= 2
+        if self.rotary:
+            qk = mixed.view(t * n, groups, per_group + 2, d)[:, :, :per_group + 1]
+            self._rope(qk, out=qk, flat=True)
+        self._write(index, mixed[:, :, :, per_group:].permute(1, 0, 3, 2, 4))
+        query = mixed[:, :, :, :per_group].permute(1, 2, 3, 0, 4).reshape(
+            n, groups * per_group, t, d)
+        return self._sdpa(index, query)
+
+    def _write(self, index: int, new):
+        """new `[n, t, 2, groups, d]` K/V into this layer's cache rows."""
+        n, t = new.shape[:2]
         cache = self.cache.kv[index]  # [slots, max_len + 1, 2, groups, d]
-        new = torch.stack((key, value), dim=2).transpose(0, 1).to(cache.dtype)  # [n, t, 2, g, d]
-        cache.view(-1, *cache.shape[2:]).index_copy_(0, self.rows,
-                                                     new.reshape(n * t, *new.shape[2:]))
-        both = (cache[self.view, :self.kv_len] if self.view is not None else
-                cache[:, :self.kv_len].index_select(0, self.slots))  # [n, kv_len, 2, groups, d]
-        keys, values = both[:, :, 0].transpose(1, 2), both[:, :, 1].transpose(1, 2)
+        cache.view(-1, *cache.shape[2:]).index_copy_(
+            0, self.rows, new.reshape(n * t, *new.shape[2:]).to(cache.dtype))
+
+    def _sdpa(self, index: int, query):
+        """query `[n, heads, t, d]` over the layer's cached keys -> [t, n, heads * d]."""
+        n, heads, t, d = query.shape
+        both = self.kv[index]  # [n (or slots), 2, groups, kv_len, d]
+        if self.view is None:
+            both = both.index_select(0, self.slots)
+        keys, values = both[:, 0], both[:, 1]
         out = F.scaled_dot_product_attention(
-            query.permute(1, 2, 0, 3), keys, values, attn_mask=self.mask, scale=self.scale,
+            query, keys, values, attn_mask=self.mask, scale=self.scale,
             enable_gqa=keys.shape[1] != heads)
         return out.permute(2, 0, 1, 3).reshape(t, n, heads * d)

@@ -127,10 +127,14 @@ def _mix(h):
     return h ^ (h >> 16)
 
 
-def _mix_(h: torch.Tensor) -> torch.Tensor:
+def _mix_(h: torch.Tensor, first: bool = True) -> torch.Tensor:
     """`_mix` in place on a fresh int64 tensor: the same bits, without a new tensor per op
-    (the sampler's per-token cost on a small model is these ops' dispatch)."""
-    h.bitwise_xor_(h >> 16).mul_(0x7FEB352D).bitwise_and_(_MASK)
+    (the sampler's per-token cost on a small model is these ops' dispatch). first=False: the
+    caller did the first xor-shift (it distributes over xor, so of h = a ^ b each part can
+    take its own on fewer elements)."""
+    if first:
+        h.bitwise_xor_(h >> 16)
+    h.mul_(0x7FEB352D).bitwise_and_(_MASK)
     h.bitwise_xor_(h >> 15).mul_(0x5BD1E995).bitwise_and_(_MASK)
     return h.bitwise_xor_(h >> 16)
 
@@ -141,11 +145,12 @@ _COLUMNS: Dict[Tuple[int, torch.device], torch.Tensor] = {}
 def _gumbel(seed: int, requests: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
     """`[n, vocab]` fp32 Gumbel noise, a function of (seed, request, step, token) only."""
     low = _mix(seed & _MASK) ^ ((seed >> 32) & _MASK)  # the seed's part, on the host
-    row = _mix(_mix(requests ^ _mix(low)) ^ steps)
+    row = _mix_(_mix_(requests ^ _mix(low)).bitwise_xor_(steps))
     key = (vocab, requests.device)
-    if key not in _COLUMNS:
-        _COLUMNS[key] = torch.arange(vocab, device=requests.device) * 0x9E3779B9 & _MASK
-    h = _mix_(_mix_(row[:, None] ^ _COLUMNS[key][None]))
+    if key not in _COLUMNS:  # each token's part, after the first xor-shift
+        column = torch.arange(vocab, device=requests.device) * 0x9E3779B9 & _MASK
+        _COLUMNS[key] = column ^ (column >> 16)
+    h = _mix_(_mix_(row.bitwise_xor_(row >> 16)[:, None] ^ _COLUMNS[key][None], first=False))
     uniform = (h >> 8).float().add_(0.5).mul_(2.0 ** -24)  # in (0, 1)
     return uniform.log_().neg_().log_().neg_()
 
@@ -156,7 +161,8 @@ def _sample(logits: torch.Tensor, params: SamplingParams, seed: int, requests: t
     if params.temperature == 0:
         token = logits.argmax(dim=-1)
         return token, params.recorded(logits, None).gather(-1, token[:, None]).squeeze(-1)
-    logprobs = F.log_softmax(logits / params.temperature, dim=-1)
+    logprobs = F.log_softmax(logits if params.temperature == 1 else logits / params.temperature,
+                             dim=-1)
     scores = logprobs
     if params.top_p < 1:
         sorted_logp, order = logprobs.sort(dim=-1, descending=True)

@@ -3,7 +3,8 @@ right-padded prompts of different lengths into scattered slots, decode steps on 
 of slots (one idle, then resumed), a finished slot reused for a new prompt in a call that mixes
 prefill and decode rows; every call's logits equal the full-sequence forward's at the same
 position to 1e-5 (fp32), for the HF model variants (tests/hf_tiny.py) and our preset (fused
-SwiGLU on and off, tied and untied) and a GPTModel with learned positions.
+SwiGLU on and off, tied and untied) and GPTModels with learned positions, interleaved
+RoPE and RoPE on part of each head.
 TP=2 and PP=2 (x VPP=2): tests/dist/test_decode_dist.py."""
 from __future__ import annotations
 
@@ -168,6 +169,30 @@ def test_learned_positions_match_training_forward(world):
         for param in model.parameters():
             param.normal_(0.0, 0.2)
     run_decoder([model], 259, "learned_absolute")
+
+
+@pytest.mark.parametrize("interleaved, percent", [(True, 1.0), (False, 0.5), (True, 0.5)],
+                         ids=["interleaved", "half_rotary", "interleaved_half"])
+def test_rope_variants_match_training_forward(world, interleaved, percent):
+    """GPTModels with interleaved RoPE and RoPE on part of each head (rotary_percent), which
+    our builder never makes: the decoder's RoPE on the QKV output in place covers them."""
+    from megatron_ext.config.load import compose_config
+    from megatron_ext.models.fused_loss import VocabGPTModel
+    from megatron_ext.models.gpt import layer_spec, transformer_config
+
+    _, topo = build(world, [], 259)  # the process groups
+    cfg = compose_config(["logging=none"])
+    spec, _ = layer_spec(cfg)
+    config = transformer_config(cfg, topo)
+    config.rotary_interleaved = interleaved  # (replace() would rerun megatron's TE checks)
+    torch.manual_seed(0)
+    model = VocabGPTModel(config=config, transformer_layer_spec=spec, vocab_size=384,
+                          real_vocab_size=259, max_sequence_length=MAX_LEN,
+                          position_embedding_type="rope", rotary_percent=percent).eval()
+    with torch.no_grad():  # transformer_config turns megatron's init off: draw the weights here
+        for param in model.parameters():
+            param.normal_(0.0, 0.2)
+    run_decoder([model], 259, f"interleaved={interleaved} rotary_percent={percent}")
 
 
 def test_released_cache_and_bad_inputs_are_errors(world):
