@@ -49,18 +49,25 @@ def _busy(seconds: float) -> None:
         pass
 
 
+def _decode_inputs(n: int, device):
+    """ChunkDecoder arguments of one decode token for each of n slots at position 40, on the
+    model's device."""
+    return (torch.randint(0, 256, (n, 1), device=device), torch.arange(n, device=device),
+            torch.full((n, 1), 40, device=device), torch.ones(n, dtype=torch.long, device=device))
+
+
 def _decoder_worker(rank, world, hf_dir):
     from benchmarks.generation import build_ours
     from megatron_ext.models.decode import ChunkDecoder, SlotCache
     torch.set_num_threads(1)
     chunks, _, _ = build_ours(hf_dir, 1, 1)
     chunks[0].eval()
+    device = next(chunks[0].parameters()).device
     print("1. decoder call, one decode token per row at position 40 (us):")
     for n in (8, 16, 64, 128):
         decoder = ChunkDecoder(chunks, SlotCache(chunks, n, 200))
         every = decoder.layers[0]
-        ids, slots = torch.randint(0, 256, (n, 1)), torch.arange(n)
-        positions, lengths = torch.full((n, 1), 40), torch.ones(n, dtype=torch.long)
+        ids, slots, positions, lengths = _decode_inputs(n, device)
         cost = {}
         for k in (0, 2, 4):
             decoder.layers[0] = every[:k]
@@ -71,8 +78,7 @@ def _decoder_worker(rank, world, hf_dir):
     n = 16
     decoder = ChunkDecoder(chunks, SlotCache(chunks, n, 200))
     decoder.layers[0] = decoder.layers[0][:2]
-    ids, slots = torch.randint(0, 256, (n, 1)), torch.arange(n)
-    positions, lengths = torch.full((n, 1), 40), torch.ones(n, dtype=torch.long)
+    ids, slots, positions, lengths = _decode_inputs(n, device)
     call = lambda: decoder(0, ids, slots, positions, lengths, 41)  # noqa: E731
     print("2. the same 2-layer call on 16 rows (us): "
           f"back to back {1e6 * _time(call, 300):.0f}, after a 1 ms sleep "
